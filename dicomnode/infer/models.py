@@ -1,0 +1,106 @@
+"""Model manifests (labels, codes, colours, input contract) and the ``Prediction`` object.
+
+A manifest lives next to each model in the Triton repository as ``labels.json``; the node reads
+it at startup and checks it against the server's model metadata (``ModelContractError``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicomnode.errors import ModelContractError
+from dicomnode.volume import Volume
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    """A coded concept (e.g. SNOMED CT: scheme "SCT")."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True, slots=True)
+class LabelInfo:
+    """One output label of a model."""
+
+    value: int
+    name: str
+    category: Code
+    type: Code
+    color: tuple[int, int, int]  # display colour, sRGB 0-255
+
+
+@dataclass(frozen=True, slots=True)
+class ModelManifest:
+    """The contract of one served model.
+
+    ``windows``: one (low, high) HU/intensity window per input channel, clipped and scaled to
+    [0, 1]; ``normalisation`` "window" or "zscore" (z-score per volume, for MR).
+    """
+
+    name: str
+    version: str
+    modalities: tuple[str, ...]
+    spacing_mm: tuple[float, float, float]  # (slice, row, column) spacing the model expects
+    windows: tuple[tuple[float, float], ...]
+    normalisation: str
+    patch: tuple[int, int, int]
+    input_name: str
+    output_name: str
+    labels: tuple[LabelInfo, ...]
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_channels(self) -> int:
+        """Number of input channels."""
+        return len(self.windows) if self.normalisation == "window" else 1
+
+    @property
+    def n_classes(self) -> int:
+        """Number of output channels (background + labels)."""
+        return len(self.labels) + 1
+
+
+def _code(d: dict[str, Any]) -> Code:
+    return Code(value=str(d["value"]), scheme=str(d["scheme"]), meaning=str(d["meaning"]))
+
+
+def load_manifest(path: str | Path) -> ModelManifest:
+    """Read ``labels.json``; raises ModelContractError when it is missing or malformed."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+        labels = tuple(
+            LabelInfo(
+                value=int(l["value"]), name=str(l["name"]), category=_code(l["category"]),
+                type=_code(l["type"]), color=tuple(int(c) for c in l["color"]),  # type: ignore[arg-type]
+            )
+            for l in d["labels"]
+        )
+        return ModelManifest(
+            name=str(d["name"]), version=str(d["version"]), modalities=tuple(d["modalities"]),
+            spacing_mm=tuple(float(s) for s in d["spacing_mm"]),  # type: ignore[arg-type]
+            windows=tuple((float(a), float(b)) for a, b in d.get("windows", [])),
+            normalisation=str(d.get("normalisation", "window")),
+            patch=tuple(int(s) for s in d["patch"]),  # type: ignore[arg-type]
+            input_name=str(d.get("input_name", "INPUT")), output_name=str(d.get("output_name", "OUTPUT")),
+            labels=labels, description=str(d.get("description", "")), extra=dict(d.get("extra", {})),
+        )
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ModelContractError(f"manifest {p.name} of {p.parent.name}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """A label map on a Volume's grid (``labels.array`` integer values = manifest label values)."""
+
+    labels: Volume
+    manifest: ModelManifest
+    probabilities: np.ndarray | None = None  # optional (C, slice, row, column) softmax on the same grid
