@@ -174,3 +174,39 @@ def affine_from_dicom(
     aff[:3, 2] = row_cos * float(pixel_spacing[1])
     aff[:3, 3] = np.asarray(position, dtype=np.float64)
     return aff
+
+
+def resample(
+    volume: Volume, affine: np.ndarray, shape: tuple[int, int, int], *, order: int = 0, cval: float = 0.0
+) -> Volume:
+    """``volume`` resampled onto the grid (``affine``, ``shape``); order 0 nearest (labels), 1 linear.
+
+    Pure affine mapping in patient space, so it works between any two grids (reoriented, cropped,
+    resampled). Points outside ``volume`` get ``cval``. Provenance (source frames, source grid) is
+    kept.
+    """
+    from scipy import ndimage
+
+    target = np.asarray(affine, dtype=np.float64)
+    # index in source = inv(src_affine) @ target_affine @ index in target
+    m = np.linalg.inv(volume.affine) @ target
+    src = np.ascontiguousarray(volume.array)
+    if order == 0:
+        out = ndimage.affine_transform(
+            src, m[:3, :3], offset=m[:3, 3], output_shape=tuple(shape), order=0, mode="constant",
+            cval=cval, prefilter=False,
+        )
+    else:
+        out = ndimage.affine_transform(
+            src.astype(np.float32, copy=False), m[:3, :3], offset=m[:3, 3], output_shape=tuple(shape),
+            order=order, mode="constant", cval=cval, prefilter=False,
+        )
+    return dataclasses.replace(volume, array=out, affine=target)
+
+
+def to_source_grid(labels: Volume, *, cval: float = 0.0) -> Volume:
+    """A label Volume mapped (nearest neighbour) back onto its original source grid."""
+    assert labels.source_affine is not None and labels.source_shape is not None
+    if labels.shape == labels.source_shape and np.allclose(labels.affine, labels.source_affine, atol=1e-6):
+        return labels
+    return resample(labels, labels.source_affine, labels.source_shape, order=0, cval=cval)
