@@ -56,11 +56,19 @@ class ModelManifest:
     labels: tuple[LabelInfo, ...]
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    pad_multiple: int = 1  # every input dim is padded to a multiple of this
+    overlap: float = 0.5  # sliding-window overlap, fraction of the patch
+    output_kind: str = "logits"  # "logits" or "probabilities" (channel 0 = background)
+    normalisation_by_modality: tuple[tuple[str, str], ...] = ()  # e.g. (("MR", "zscore"),)
 
     @property
     def n_channels(self) -> int:
         """Number of input channels."""
         return len(self.windows) if self.normalisation == "window" else 1
+
+    def normalisation_for(self, modality: str) -> str:
+        """The normalisation ("window" or "zscore") for images of ``modality``."""
+        return dict(self.normalisation_by_modality).get(modality, self.normalisation)
 
     @property
     def n_classes(self) -> int:
@@ -70,6 +78,26 @@ class ModelManifest:
 
 def _code(d: dict[str, Any]) -> Code:
     return Code(value=str(d["value"]), scheme=str(d["scheme"]), meaning=str(d["meaning"]))
+
+
+def _checked(m: ModelManifest) -> ModelManifest:
+    """Raise ValueError when the manifest is inconsistent in itself."""
+    norms = {m.normalisation, *(v for _, v in m.normalisation_by_modality)}
+    if not norms <= {"window", "zscore"}:
+        raise ValueError(f"normalisation must be 'window' or 'zscore', got {sorted(norms)}")
+    if "window" in norms and (not m.windows or any(hi <= lo for lo, hi in m.windows)):
+        raise ValueError("'window' normalisation needs windows with low < high")
+    if "zscore" in norms and m.n_channels != 1:
+        raise ValueError("'zscore' normalisation has one channel, so at most one window")
+    if m.output_kind not in ("logits", "probabilities"):
+        raise ValueError("output_kind must be 'logits' or 'probabilities'")
+    if len(m.spacing_mm) != 3 or min(m.spacing_mm) <= 0 or len(m.patch) != 3 or min(m.patch) < 1:
+        raise ValueError("spacing_mm and patch need 3 positive values")
+    if m.pad_multiple < 1 or not 0.0 <= m.overlap < 1.0:
+        raise ValueError("pad_multiple >= 1 and 0 <= overlap < 1")
+    if sorted(l.value for l in m.labels) != list(range(1, len(m.labels) + 1)):
+        raise ValueError("label values must be 1..K without gaps (0 is background)")
+    return m
 
 
 def load_manifest(path: str | Path) -> ModelManifest:
@@ -84,7 +112,7 @@ def load_manifest(path: str | Path) -> ModelManifest:
             )
             for l in d["labels"]
         )
-        return ModelManifest(
+        return _checked(ModelManifest(
             name=str(d["name"]), version=str(d["version"]), modalities=tuple(d["modalities"]),
             spacing_mm=tuple(float(s) for s in d["spacing_mm"]),  # type: ignore[arg-type]
             windows=tuple((float(a), float(b)) for a, b in d.get("windows", [])),
@@ -92,7 +120,12 @@ def load_manifest(path: str | Path) -> ModelManifest:
             patch=tuple(int(s) for s in d["patch"]),  # type: ignore[arg-type]
             input_name=str(d.get("input_name", "INPUT")), output_name=str(d.get("output_name", "OUTPUT")),
             labels=labels, description=str(d.get("description", "")), extra=dict(d.get("extra", {})),
-        )
+            pad_multiple=int(d.get("pad_multiple", 1)), overlap=float(d.get("overlap", 0.5)),
+            output_kind=str(d.get("output_kind", "logits")),
+            normalisation_by_modality=tuple(
+                (str(k), str(v)) for k, v in sorted(dict(d.get("normalisation_by_modality", {})).items())
+            ),
+        ))
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ModelContractError(f"manifest {p.name} of {p.parent.name}: {exc}") from exc
 
