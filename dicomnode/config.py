@@ -86,6 +86,9 @@ class GeometryConfig:
     on_nonuniform: Literal["resample", "refuse"] = "resample"
     on_gap: Literal["refuse", "resample"] = "refuse"
     multiple_stacks: Literal["largest", "refuse"] = "refuse"
+    tilt_tolerance_deg: float = 0.05  # steeper shear between slices counts as gantry tilt
+    orientation_tolerance: float = 1e-4  # direction cosines closer than this are one orientation
+    max_voxels: int = 1_000_000_000  # larger stacks are refused ("too_large") before allocation
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,11 +50,13 @@ class GeometryReport:
 
 @dataclass(frozen=True, slots=True)
 class SourceFrame:
-    """One source frame: SOP class/instance UID and 1-based frame number (1 for single-frame)."""
+    """One source frame: SOP class/instance UID, 1-based frame number (1 for single-frame) and,
+    when known, the frame's ImagePositionPatient (LPS mm) for stacks that are not a regular grid."""
 
     sop_class_uid: str
     sop_instance_uid: str
     frame: int = 1
+    position: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,4 +211,16 @@ def to_source_grid(labels: Volume, *, cval: float = 0.0) -> Volume:
     assert labels.source_affine is not None and labels.source_shape is not None
     if labels.shape == labels.source_shape and np.allclose(labels.affine, labels.source_affine, atol=1e-6):
         return labels
-    return resample(labels, labels.source_affine, labels.source_shape, order=0, cval=cval)
+    src_aff, src_shape = labels.source_affine, labels.source_shape
+    pos = [f.position for f in labels.source]
+    if len(pos) == src_shape[0] and all(p is not None for p in pos):
+        grid = src_aff[:3, 3] + np.arange(src_shape[0])[:, None] * src_aff[:3, 0]
+        if not np.allclose(grid, np.asarray(pos, dtype=np.float64), atol=1e-3):
+            # slices not on one regular grid (gaps, uneven spacing): map each slice on its own plane
+            planes = []
+            for p in pos:
+                aff = src_aff.copy()
+                aff[:3, 3] = p
+                planes.append(resample(labels, aff, (1, src_shape[1], src_shape[2]), order=0, cval=cval).array)
+            return dataclasses.replace(labels, array=np.concatenate(planes, axis=0), affine=src_aff)
+    return resample(labels, src_aff, src_shape, order=0, cval=cval)
