@@ -136,6 +136,9 @@ class ResultsConfig:
     sr_on_quarantine: bool = True
     write_dir: str = ""  # also write results here (relative to data_dir); "" = "results" when no peer receives
     manufacturer: str = "dicomnode"
+    seg_content_label: str = "DICOMNODE"  # SEG ContentLabel (CS: upper case, <= 16 characters)
+    device_serial_number: str = "1"  # DeviceSerialNumber written into SEG/SR
+    quarantine_sr_title: str = "dicomnode: series not processed"  # text of the quarantine SR finding
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,7 +195,8 @@ def resample(
     src = np.ascontiguousarray(volume.array)
     if order == 0:
         out = ndimage.affine_transform(
-            src, m[:3, :3], offset=m[:3, 3], output_shape=tuple(shape), order=0, mode="constant",
+            src, m[:3, :3], offset=m[:3, 3], output_shape=tuple(shape), order=0,
+            mode="grid-constant",  # voxels extend +-0.5: "constant" drops edge voxels (coord -0.25 -> cval)
             cval=cval, prefilter=False,
         )
     else:
