@@ -1,0 +1,337 @@
+"""``run_series``: the whole flow for one series, top to bottom (DESIGN.md "The flow").
+
+    headers -> pick pipeline -> convert -> header orientation (canonical grid)
+    -> Triton body (+ anatomy19) -> CTARR registration + orientation check (+ correction)
+    -> region crops -> region models on the crops -> paste back -> SEG + SR -> deliver (outbox)
+
+This is one of the three places where exceptions become outcomes (DESIGN.md "Errors"):
+
+- ``SeriesError``    -> ``quarantined`` with its machine-readable reason (+ an SR stating the reason
+                        when ``results.sr_on_quarantine``);
+- ``TransientError`` -> ``retry``: the job goes back to the queue with exponential backoff, never lost;
+- anything else      -> ``failed`` as ``internal:<ExceptionType>`` with the traceback in the job record.
+
+Everything the flow needs (config, inference client, atlas, regions, where instances are and where
+results go) comes in a :class:`PipelineContext`; the node (``worker.py``) and the offline
+``dicomnode process`` command build different contexts around the same function.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+
+from dicomnode.config import Config, PipelineConfig
+from dicomnode.errors import SeriesError, TransientError
+from dicomnode.ops.logs import series_key
+from dicomnode.pipeline_select import SeriesFacts, region_model_pairs, select_pipeline
+from dicomnode.store.records import Job
+from dicomnode.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+# ---- what the flow produces ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RegionSummary:
+    """One cropped region: its box in source-grid voxels (slice, row, column), lower inclusive."""
+
+    name: str
+    lower: tuple[int, int, int]
+    upper: tuple[int, int, int]
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSummary:
+    """One segment of the SEG: the model it came from and its volume in millilitres."""
+
+    model: str
+    label: str
+    volume_ml: float
+    voxels: int
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesSummary:
+    """What was found for one series (no patient data): the body of summary.json and of the SR."""
+
+    series_key: str
+    pipeline: str
+    modality: str
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    header_orientation: str
+    orientation: dict[str, Any]
+    regions: tuple[RegionSummary, ...]
+    segments: tuple[SegmentSummary, ...]
+    qc: dict[str, Any]
+    model_versions: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "series_key": self.series_key, "pipeline": self.pipeline, "modality": self.modality,
+            "shape": list(self.shape), "spacing_mm": list(self.spacing_mm),
+            "header_orientation": self.header_orientation, "orientation": self.orientation,
+            "regions": [{"name": r.name, "lower": list(r.lower), "upper": list(r.upper), "model": r.model}
+                        for r in self.regions],
+            "segments": [{"model": s.model, "label": s.label, "volume_ml": round(s.volume_ml, 3), "voxels": s.voxels}
+                         for s in self.segments],
+            "qc": self.qc, "model_versions": self.model_versions,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ResultObject:
+    """One DICOM object produced for a series (``kind`` "seg" or "sr") and where it should go."""
+
+    kind: str
+    dataset: Any  # pydicom Dataset (highdicom Segmentation / Comprehensive3DSR)
+    destinations: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """How a job ended: ``state`` is done | quarantined | failed | retry."""
+
+    state: str
+    reason: str = ""
+    detail: str = ""  # the traceback for internal failures (job record only, never the status page)
+    timings: tuple[tuple[str, float], ...] = ()
+    summary: SeriesSummary | None = None
+    outputs: tuple[str, ...] = ()  # kinds delivered
+
+    @property
+    def total_s(self) -> float:
+        """Sum of the stage timings."""
+        return float(sum(t for _, t in self.timings))
+
+
+# ---- what the flow needs -------------------------------------------------------------------------
+
+class SeriesSource(Protocol):
+    """Where a job's instances are."""
+
+    def paths(self, job: Job) -> list[Path]:
+        """The files of the job's series (raises SeriesError when there are none)."""
+
+
+class ResultSink(Protocol):
+    """Where results go: the outbox (node) or a folder (``dicomnode process``)."""
+
+    def deliver(self, job: Job, objects: list[ResultObject], summary: SeriesSummary | None) -> None:
+        """Hand the objects over durably; raises TransientError when that is not possible now."""
+
+
+@dataclass(slots=True)
+class PipelineContext:
+    """Everything ``run_series`` uses; built once by ``app.py`` or ``commands/process.py``."""
+
+    cfg: Config
+    client: Any  # dicomnode.infer.client.InferenceClient
+    source: SeriesSource
+    sink: ResultSink
+    atlas: Any = None  # dicomnode.anatomy.atlas.Atlas, loaded when a pipeline uses regions
+    regions: dict[str, Any] = field(default_factory=dict)  # name -> dicomnode.anatomy.regions.Region
+    progress: Any = None  # optional callable(stage_name) for progress bars
+
+
+class StageTimer:
+    """Records (stage, seconds) pairs in order; ``with timer("convert"): ...``."""
+
+    def __init__(self, progress: Any = None) -> None:
+        self.timings: list[tuple[str, float]] = []
+        self._progress = progress
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if self._progress is not None:
+            self._progress(stage)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings.append((stage, time.perf_counter() - t0))
+
+
+def _facts(headers: list[Any]) -> SeriesFacts:
+    first = headers[0]
+    return SeriesFacts(
+        modality=str(getattr(first, "Modality", "") or ""),
+        body_part=str(getattr(first, "BodyPartExamined", "") or ""),
+        description=str(getattr(first, "SeriesDescription", "") or ""),
+    )
+
+
+def _segments(pred: Any, model: str) -> list[SegmentSummary]:
+    """Volume per label of one prediction, from its own grid (voxel volume x count)."""
+    labels = np.asarray(pred.labels.array)
+    voxel_ml = float(np.prod(pred.labels.spacing)) / 1000.0
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(pred.manifest.labels) + 1)
+    return [SegmentSummary(model=model, label=info.name, volume_ml=float(counts[info.value]) * voxel_ml,
+                           voxels=int(counts[info.value]))
+            for info in pred.manifest.labels if info.value < len(counts)]
+
+
+def _orientation_code(volume: Volume) -> str:
+    """Three-letter LPS code of the (slice, row, column) axes, e.g. "SPL" -> axial from feet."""
+    letters = (("L", "R"), ("P", "A"), ("S", "I"))
+    code = ""
+    for axis in volume.direction.T:
+        i = int(np.argmax(np.abs(axis)))
+        code += letters[i][0] if axis[i] > 0 else letters[i][1]
+    return code
+
+
+# ---- the flow ------------------------------------------------------------------------------------
+
+def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
+    """Run the configured pipeline on ``job``'s series and deliver SEG + SR; never raises.
+
+    Returns the outcome (done / quarantined / failed / retry) with per-stage timings.
+    """
+    from dicomnode.anatomy import qc as anatomy_qc
+    from dicomnode.anatomy.register import apply_orientation, register
+    from dicomnode.anatomy.regions import crop_region, paste_back
+    from dicomnode.results.seg import build_seg
+    from dicomnode.results.sr import ReportFindings, build_sr
+    from dicomnode.series.convert import read_headers, read_series
+    from dicomnode.series.geometry import to_canonical
+    from dicomnode.volume import resample
+
+    cfg = ctx.cfg
+    key = series_key(job.series_instance_uid)
+    timer = StageTimer(ctx.progress)
+    headers: list[Any] = []
+    pipeline: PipelineConfig | None = None
+    try:
+        # 1. which pipeline: modality, body part, description from the headers
+        with timer("select"):
+            paths = ctx.source.paths(job)
+            headers = read_headers(paths)
+            pipeline = select_pipeline(cfg.pipelines, _facts(headers))
+            if pipeline is None:
+                raise SeriesError("no_pipeline", kind="unsupported",
+                                  detail=f"no [[pipelines]] entry matches modality {_facts(headers).modality or '?'}")
+        # 2. instances -> Volume with checked geometry
+        with timer("convert"):
+            source = read_series(paths, cfg.geometry)
+        # 3. header orientation: canonical axis order, so every model sees the same layout
+        with timer("orient"):
+            volume, reorientation = to_canonical(source)
+        predictions: list[tuple[str, Any]] = []  # (model, Prediction on `volume`'s grid)
+        # 4. whole-volume models (body; face_area for MR heads; ...) except anatomy19
+        for model in (m for m in pipeline.models if m != "anatomy19"):
+            with timer(f"infer:{model}"):
+                predictions.append((model, ctx.client.segment(volume, model)))
+        # 5. CTARR: anatomy19 at its own 3 mm grid -> registration -> orientation check (+ correction)
+        orientation: dict[str, Any] = {"checked": False}
+        qc: dict[str, Any] = {}
+        region_summaries: list[RegionSummary] = []
+        if "anatomy19" in pipeline.models:
+            with timer("infer:anatomy19"):
+                anatomy = ctx.client.segment_native(volume, "anatomy19")
+            with timer("register"):
+                reg = register(anatomy.labels, ctx.atlas)
+            orientation = {
+                "checked": True, "verified": bool(reg.verified), "reason": str(reg.reason),
+                "rotation_k": int(reg.rotation_k), "z_flip": bool(reg.z_flip),
+                "matches_header": int(reg.rotation_k) == 0 and not bool(reg.z_flip),
+                "corrected": False, "scale": [float(s) for s in reg.scale],
+                "translation_mm": [float(t) for t in reg.translation],
+            }
+            if reg.verified and not orientation["matches_header"] and cfg.anatomy.correct_orientation:
+                # the anatomy disagrees with the header: process in the anatomically correct
+                # orientation, then map everything back onto the source grid at the end
+                with timer("orient:correct"):
+                    volume = apply_orientation(volume, reg)
+                    predictions = [(m, ctx.client.segment(volume, m)) for m, _ in predictions]
+                    anatomy = ctx.client.segment_native(volume, "anatomy19")
+                    reg = register(anatomy.labels, ctx.atlas)
+                orientation["corrected"] = True
+            anatomy_on_grid = resample(anatomy.labels, volume.affine, volume.shape, order=0)
+            predictions.append(("anatomy19", type(anatomy)(labels=anatomy_on_grid, manifest=anatomy.manifest)))
+            # 6. regions: atlas boxes -> scan boxes -> crops -> region models -> paste back
+            if reg.verified and pipeline.regions:
+                models_for = dict(region_model_pairs(pipeline))
+                for name in pipeline.regions:
+                    with timer(f"crop:{name}"):
+                        crop = crop_region(volume, reg, ctx.regions[name], anatomy.labels)
+                    region_summaries.append(RegionSummary(
+                        name=name, lower=tuple(int(v) for v in crop.lower),  # type: ignore[arg-type]
+                        upper=tuple(int(v) for v in crop.upper), model=models_for.get(name, "")))
+                    if name in models_for:
+                        with timer(f"infer:{models_for[name]}"):
+                            pred = ctx.client.segment(crop.volume, models_for[name])
+                        with timer(f"paste:{name}"):
+                            predictions.append((models_for[name], paste_back(pred, volume)))
+            elif pipeline.regions:
+                qc["regions_skipped"] = f"registration not verified: {reg.reason}"
+            with timer("qc"):
+                report = anatomy_qc.check(anatomy.labels, reg)
+                qc.update(report.to_json())
+        # 7. results on the source grid: SEG (one segment per label) + SR (regions, volumes, QC)
+        with timer("results"):
+            on_source = [(m, type(p)(labels=reorientation.invert(p.labels) if p.labels.same_grid(volume)
+                                     else reorientation.invert(resample(p.labels, volume.affine, volume.shape)),
+                                     manifest=p.manifest))
+                         for m, p in predictions]
+            versions = {m: p.manifest.version for m, p in on_source}
+            segments = [s for m, p in on_source for s in _segments(p, m)]
+            summary = SeriesSummary(
+                series_key=key, pipeline=pipeline.name, modality=source.modality, shape=source.shape,
+                spacing_mm=source.spacing, header_orientation=_orientation_code(source),
+                orientation=orientation, regions=tuple(region_summaries), segments=tuple(segments),
+                qc=qc, model_versions=versions,
+            )
+            seg = build_seg(headers, [p for _, p in on_source], cfg.results, model_versions=versions)
+            sr = build_sr(headers, seg, ReportFindings.from_summary(summary), cfg.results)
+        # 8. hand over durably (outbox / results folder)
+        with timer("deliver"):
+            dest = pipeline.destinations
+            objects = [ResultObject("seg", seg, dest), ResultObject("sr", sr, dest)]
+            ctx.sink.deliver(job, objects, summary)
+        log.info("job %s %s: done (%s, %.1f s)", job.job_id, key, pipeline.name, sum(t for _, t in timer.timings))
+        return JobOutcome("done", timings=tuple(timer.timings), summary=summary, outputs=("seg", "sr"))
+    except SeriesError as exc:
+        log.warning("job %s %s: quarantined: %s:%s", job.job_id, key, exc.kind, exc.reason)
+        reason = f"{exc.kind}:{exc.reason}"
+        outputs = _quarantine_report(job, ctx, headers, pipeline, exc, timer)
+        return JobOutcome("quarantined", reason=reason, detail=exc.detail, timings=tuple(timer.timings),
+                          outputs=outputs)
+    except TransientError as exc:
+        log.warning("job %s %s: transient failure, will retry: %s", job.job_id, key, type(exc).__name__)
+        return JobOutcome("retry", reason=f"transient:{exc}"[:500], timings=tuple(timer.timings))
+    except Exception as exc:  # noqa: BLE001 - the flow's catch-all: INTERNAL with traceback
+        log.error("job %s %s: internal error %s", job.job_id, key, type(exc).__name__)
+        return JobOutcome("failed", reason=f"internal:{type(exc).__name__}", detail=traceback.format_exc(),
+                          timings=tuple(timer.timings))
+
+
+def _quarantine_report(job: Job, ctx: PipelineContext, headers: list[Any], pipeline: PipelineConfig | None,
+                       exc: SeriesError, timer: StageTimer) -> tuple[str, ...]:
+    """Send an SR stating why the series was quarantined, where configured; returns kinds sent.
+
+    Failures here are logged, never raised: the quarantine itself must be recorded.
+    """
+    if not ctx.cfg.results.sr_on_quarantine or not headers:
+        return ()
+    try:
+        from dicomnode.results.sr import ReportFindings, build_sr
+
+        with timer("quarantine_sr"):
+            sr = build_sr(headers, None, ReportFindings.quarantined(exc.kind, exc.reason), ctx.cfg.results)
+            dest = pipeline.destinations if pipeline is not None else ()
+            ctx.sink.deliver(job, [ResultObject("sr", sr, dest)], None)
+        return ("sr",)
+    except Exception as sr_exc:  # noqa: BLE001 - reported, the quarantine stands
+        log.error("job %s: quarantine SR not sent: %s", job.job_id, type(sr_exc).__name__)
+        return ()
