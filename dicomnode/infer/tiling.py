@@ -1,0 +1,169 @@
+"""Tiling: the model's canonical grid, normalisation, sliding windows with Gaussian weights, stitching.
+
+Pure numpy/scipy: nothing here talks to a server. ``dicomnode.infer.client`` plugs its request
+function into :func:`predict_volume`.
+
+The canonical axial grid every model sees (``CANONICAL_DIRECTION``): array axes (Z, Y, X) =
+(slice, row, column) pointing to the patient's feet (-S), back (+P) and left (+L) in LPS, i.e.
+axial slices ordered head to feet, each displayed radiologically (patient's right on the image's
+left, anterior at the top). The same convention as CTARR's atlas frame (z grows towards the feet).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from dicomnode.infer.models import ModelManifest
+from dicomnode.volume import Volume, resample
+
+# columns: LPS unit vectors of the (slice, row, column) axes
+CANONICAL_DIRECTION = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
+
+PredictFn = Callable[[np.ndarray], np.ndarray]  # [N, C, z, y, x] float32 -> [N, K, z, y, x] float32
+
+
+def canonical_grid(volume: Volume, spacing: tuple[float, float, float]) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(affine, shape) of the canonical axial grid at ``spacing`` covering ``volume``'s extent.
+
+    The grid's voxel edges enclose the volume's voxel edges (its bounding box in the canonical
+    axes); a volume already axial at ``spacing`` maps voxel for voxel (a permutation/flip).
+    """
+    sp = np.asarray(spacing, dtype=np.float64)
+    corners = np.array([[a, b, c] for a in (-0.5, volume.shape[0] - 0.5)
+                        for b in (-0.5, volume.shape[1] - 0.5) for c in (-0.5, volume.shape[2] - 0.5)])
+    pts = volume.index_to_lps(corners) @ CANONICAL_DIRECTION  # canonical coordinates (mm)
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    shape = tuple(max(1, int(math.ceil((h - l) / s - 1e-3))) for l, h, s in zip(lo, hi, sp))
+    centre_lo = (lo + hi) / 2 - (np.asarray(shape) - 1) * sp / 2  # centre the grid on the extent
+    aff = np.eye(4)
+    aff[:3, :3] = CANONICAL_DIRECTION * sp
+    aff[:3, 3] = CANONICAL_DIRECTION @ centre_lo
+    return aff, shape  # type: ignore[return-value]
+
+
+def to_model_grid(volume: Volume, manifest: ModelManifest) -> Volume:
+    """``volume`` linearly resampled onto the model's canonical grid; outside gets the volume's minimum."""
+    aff, shape = canonical_grid(volume, manifest.spacing_mm)
+    fill = float(np.min(volume.array)) if volume.array.size else 0.0
+    return resample(volume, aff, shape, order=1, cval=fill)
+
+
+def normalise(array: np.ndarray, manifest: ModelManifest, modality: str) -> np.ndarray:
+    """float32 [C, Z, Y, X] network input: per-window clip + scale to [0, 1], or a volume z-score."""
+    a = np.asarray(array, dtype=np.float32)
+    if manifest.normalisation_for(modality) == "zscore":
+        std = float(a.std())
+        return ((a - float(a.mean())) / (std if std > 1e-6 else 1.0))[None].astype(np.float32)
+    out = np.empty((len(manifest.windows), *a.shape), dtype=np.float32)
+    for c, (lo, hi) in enumerate(manifest.windows):
+        np.clip((a - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0, out=out[c])
+    return out
+
+
+def gaussian_weight(patch: tuple[int, int, int], sigma_scale: float = 0.125) -> np.ndarray:
+    """nnU-Net style importance map: a Gaussian with sigma = patch/8, max 1, minimum > 0."""
+    grids = np.meshgrid(*[np.arange(p, dtype=np.float32) - (p - 1) / 2 for p in patch], indexing="ij")
+    w = np.ones(patch, dtype=np.float32)
+    for g, p in zip(grids, patch):
+        w *= np.exp(-0.5 * (g / max(p * sigma_scale, 1e-3)) ** 2)
+    w /= w.max()
+    return np.maximum(w, max(float(w[w > 0].min()), 1e-4)).astype(np.float32)
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices of windows of ``patch`` along an axis of ``size`` (>= patch), step patch*(1-overlap)."""
+    if size <= patch:
+        return [0]
+    step = max(1, int(patch * (1.0 - overlap)))
+    n = int(math.ceil((size - patch) / step)) + 1
+    return sorted({int(round(i * (size - patch) / (n - 1))) for i in range(n)})
+
+
+def pad_shape(shape: tuple[int, ...], multiple: int, minimum: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """``shape`` grown to multiples of ``multiple`` (and at least ``minimum``)."""
+    out = [int(math.ceil(s / multiple) * multiple) for s in shape]
+    if minimum is not None:
+        out = [max(o, int(math.ceil(m / multiple) * multiple)) for o, m in zip(out, minimum)]
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class TilePlan:
+    """How a volume goes to the server: ``whole`` (one request) or ``windows`` starts per axis."""
+
+    padded: tuple[int, int, int]
+    patch: tuple[int, int, int]
+    starts: tuple[tuple[int, int, int], ...]
+
+    @property
+    def whole(self) -> bool:
+        """True when one request carries the whole (padded) volume."""
+        return len(self.starts) == 1 and self.patch == self.padded
+
+
+def plan_tiles(shape: tuple[int, int, int], manifest: ModelManifest) -> TilePlan:
+    """Whole volume when it fits in the manifest's patch (after padding), else overlapping windows."""
+    padded = pad_shape(shape, manifest.pad_multiple)
+    patch = tuple(min(p, s) for p, s in zip(pad_shape(manifest.patch, manifest.pad_multiple), padded))
+    padded = tuple(max(p, q) for p, q in zip(padded, patch))
+    axes = [window_starts(s, p, manifest.overlap) for s, p in zip(padded, patch)]
+    starts = tuple((a, b, c) for a in axes[0] for b in axes[1] for c in axes[2])
+    return TilePlan(padded=padded, patch=patch, starts=starts)  # type: ignore[arg-type]
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def predict_volume(
+    x: np.ndarray, manifest: ModelManifest, predict: PredictFn, *, batch: int = 1, want_probabilities: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run ``predict`` over ``x`` [C, Z, Y, X]; returns (argmax labels uint8/uint16 [Z, Y, X], probabilities).
+
+    The volume is padded (with each channel's minimum) to the plan; a whole-volume plan is one
+    request, otherwise windows go ``batch`` per request and are stitched with Gaussian weights
+    (probabilities are averaged, logits are softmaxed first). Probabilities are returned when asked
+    for (or when stitching computed them anyway). Raises ValueError on a wrong output shape.
+    """
+    c, *shape = x.shape
+    plan = plan_tiles(tuple(shape), manifest)  # type: ignore[arg-type]
+    pad = [(0, 0)] + [(0, p - s) for p, s in zip(plan.padded, shape)]
+    if any(p[1] for p in pad):
+        fill = x.reshape(c, -1).min(axis=1)
+        xp = np.stack([np.pad(x[i], pad[1:], constant_values=fill[i]) for i in range(c)])
+    else:
+        xp = x
+    k = manifest.n_classes
+    dtype = np.uint8 if k <= 255 else np.uint16
+    crop = (slice(None), *(slice(0, s) for s in shape))
+    if plan.whole:
+        y = predict(np.ascontiguousarray(xp[None], dtype=np.float32))
+        if y.shape != (1, k, *plan.padded):
+            raise ValueError(f"model output {y.shape}, expected {(1, k, *plan.padded)}")
+        out = y[0][crop]
+        labels = np.argmax(out, axis=0).astype(dtype)
+        probs = None
+        if want_probabilities:
+            probs = out if manifest.output_kind == "probabilities" else _softmax(out, 0)
+        return labels, (probs.astype(np.float32) if probs is not None else None)
+    weight = gaussian_weight(plan.patch)
+    acc = np.zeros((k, *plan.padded), dtype=np.float32)
+    norm = np.zeros(plan.padded, dtype=np.float32)
+    for i in range(0, len(plan.starts), max(1, batch)):
+        group = plan.starts[i:i + max(1, batch)]
+        sl = [tuple(slice(s, s + p) for s, p in zip(st, plan.patch)) for st in group]
+        xb = np.ascontiguousarray(np.stack([xp[(slice(None), *s)] for s in sl]), dtype=np.float32)
+        y = predict(xb)
+        if y.shape != (len(group), k, *plan.patch):
+            raise ValueError(f"model output {y.shape}, expected {(len(group), k, *plan.patch)}")
+        if manifest.output_kind == "logits":
+            y = _softmax(y, 1)
+        for j, s in enumerate(sl):
+            acc[(slice(None), *s)] += y[j] * weight
+            norm[s] += weight
+    probs = (acc / norm)[crop]
+    return np.argmax(probs, axis=0).astype(dtype), probs
