@@ -88,6 +88,9 @@ def _check_geometry(images: Sequence[Dataset], grid: Volume) -> list[hd.PlanePos
     aff = grid.source_affine
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in images])
     expected = np.arange(n)[:, None] * aff[:3, 0][None, :] + aff[:3, 3][None, :]
+    for i, f in enumerate(grid.source[:n]):  # stacks with gaps/uneven spacing carry each slice's position
+        if f.position is not None:
+            expected[i] = f.position
     first = images[0]
     iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
     spacing = [float(v) for v in first.PixelSpacing]
