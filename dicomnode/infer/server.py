@@ -29,8 +29,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from dicomnode.errors import ModelContractError, TransientError
+
+if TYPE_CHECKING:
+    from dicomnode.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +245,11 @@ class LocalTriton:
         except OSError:
             return ""
 
+    @property
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
     def is_ready(self) -> bool:
         """True when ``/v2/health/ready`` answers 200."""
         return self._get("/v2/health/ready")[0] == 200
@@ -277,3 +286,18 @@ class LocalTriton:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def local_server_from_config(cfg: "Config") -> LocalTriton:
+    """The (not yet started) local server described by ``cfg.triton`` (for ``url = "local"``).
+
+    Models from ``cfg.resource(triton.models_dir)``, venv ``cfg.resource(triton.venv_dir)``, ports
+    ``http_port``/``grpc_port`` (0: free ports), the log under ``data_dir/logs/tritonserver.log``.
+    """
+    t = cfg.triton
+    logs = cfg.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return LocalTriton(
+        cfg.resource(t.models_dir), cfg.resource(t.venv_dir), t.http_port, t.grpc_port,
+        log_path=logs / "tritonserver.log",
+    )
