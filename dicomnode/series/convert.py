@@ -173,14 +173,14 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
     if syntax in NATIVE_SYNTAXES:
         raw = ds.get_item(_PIXEL_DATA, keep_deferred=True)
         need = rows * cols * (bits // 8) * n_frames
-        length = getattr(raw, "length", None)
-        if length is None:
-            length = len(raw.value or b"")
-        if length in (None, 0xFFFFFFFF) or length < need:
-            raise SeriesError("truncated_pixel_data", kind="inconsistent")
         offset = getattr(raw, "value_tell", None)
-        if offset is None or raw.value is not None:
+        if raw.value is not None or offset is None:
             offset = -1  # value already in memory (small frame): read from the dataset
+            available = len(raw.value or b"")
+        else:  # deferred: the bytes must really be in the file
+            available = min(int(raw.length), path.stat().st_size - offset)
+        if available < need:
+            raise SeriesError("truncated_pixel_data", kind="inconsistent")
     sop_class = str(ds.get("SOPClassUID", ""))
     sop_uid = str(ds.SOPInstanceUID)
     modality = str(ds.get("Modality", "")).strip()

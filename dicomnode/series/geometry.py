@@ -7,8 +7,9 @@ are ImagePositionPatient in LPS mm, the slice normal is ``row x col``. A stack i
 depth of every slice along the normal and its in-plane offset (along the row and column cosines).
 
 Canonical orientation (what the models see): array axes (slice, row, column) run towards
-(superior, posterior, left), i.e. the direction part of the affine is close to a positive diagonal in
-LPS. Reaching it takes only axis permutations and flips (no interpolation), so it has an exact inverse.
+(superior, posterior, left), i.e. the direction part of the affine is close to
+[[0, 0, 1], [0, 1, 0], [1, 0, 0]] (a plain axial DICOM stack sorted along its normal already is).
+Reaching it takes only axis permutations and flips (no interpolation), so it has an exact inverse.
 """
 from __future__ import annotations
 
