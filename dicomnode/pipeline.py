@@ -56,7 +56,7 @@ class SegmentSummary:
     model: str
     label: str
     volume_ml: float
-    voxels: int
+    mean_hu: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +83,8 @@ class SeriesSummary:
             "header_orientation": self.header_orientation, "orientation": self.orientation,
             "regions": [{"name": r.name, "lower": list(r.lower), "upper": list(r.upper), "model": r.model}
                         for r in self.regions],
-            "segments": [{"model": s.model, "label": s.label, "volume_ml": round(s.volume_ml, 3), "voxels": s.voxels}
-                         for s in self.segments],
+            "segments": [{"model": s.model, "label": s.label, "volume_ml": round(s.volume_ml, 3),
+                          "mean_hu": None if s.mean_hu is None else round(s.mean_hu, 1)} for s in self.segments],
             "qc": self.qc, "model_versions": self.model_versions,
         }
 
@@ -171,14 +171,37 @@ def _facts(headers: list[Any]) -> SeriesFacts:
     )
 
 
-def _segments(pred: Any, model: str) -> list[SegmentSummary]:
-    """Volume per label of one prediction, from its own grid (voxel volume x count)."""
-    labels = np.asarray(pred.labels.array)
-    voxel_ml = float(np.prod(pred.labels.spacing)) / 1000.0
-    counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(pred.manifest.labels) + 1)
-    return [SegmentSummary(model=model, label=info.name, volume_ml=float(counts[info.value]) * voxel_ml,
-                           voxels=int(counts[info.value]))
-            for info in pred.manifest.labels if info.value < len(counts)]
+def _segment_summaries(predictions: list[tuple[str, Any]], measured: Any) -> tuple[SegmentSummary, ...]:
+    """Per-segment volumes, numbered like the SEG (prediction order, then label value)."""
+    names = [(m, info.name) for m, p in predictions for info in sorted(p.manifest.labels, key=lambda l: l.value)]
+    return tuple(SegmentSummary(model=m, label=name, volume_ml=float(sm.volume_ml),
+                                mean_hu=None if sm.mean_hu is None else float(sm.mean_hu))
+                 for (m, name), sm in zip(names, measured))
+
+
+def _findings(summary: SeriesSummary, measured: Any, grid: Volume) -> Any:
+    """The SR's findings from the summary (region boxes are in ``grid``'s voxels)."""
+    from dicomnode.results.sr import ModelUsed, OrientationFinding, QcFinding, RegionBox, ReportFindings
+
+    o = summary.orientation
+    return ReportFindings(
+        segments=tuple(measured),
+        regions=tuple(RegionBox.from_voxel_box(r.name, r.lower, r.upper, grid.affine) for r in summary.regions),
+        orientation=OrientationFinding(bool(o.get("matches_header", True)), int(o.get("rotation_k", 0)),
+                                       bool(o.get("z_flip", False))) if o.get("checked") else None,
+        qc=tuple(QcFinding(str(k), bool(v)) for k, v in summary.qc.items() if isinstance(v, bool)),
+        models=tuple(ModelUsed(m, v) for m, v in summary.model_versions.items()),
+    )
+
+
+def _source_box(reorientation: Any, lower: Any, upper: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """A box [lower, upper) on the canonical grid as the same box on the source grid."""
+    m = reorientation.index_matrix()
+    a = m @ np.array([*[int(v) for v in lower], 1.0])
+    b = m @ np.array([*[int(v) - 1 for v in upper], 1.0])  # last voxel inside
+    lo = np.minimum(a[:3], b[:3]).round().astype(int)
+    hi = np.maximum(a[:3], b[:3]).round().astype(int) + 1
+    return tuple(int(v) for v in lo), tuple(int(v) for v in hi)  # type: ignore[return-value]
 
 
 def _orientation_code(volume: Volume) -> str:
@@ -198,14 +221,10 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
 
     Returns the outcome (done / quarantined / failed / retry) with per-stage timings.
     """
-    from dicomnode.anatomy import qc as anatomy_qc
-    from dicomnode.anatomy.register import apply_orientation, register
-    from dicomnode.anatomy.regions import crop_region, paste_back
     from dicomnode.results.seg import build_seg
-    from dicomnode.results.sr import ReportFindings, build_sr
+    from dicomnode.results.sr import build_sr, measure_predictions
     from dicomnode.series.convert import read_headers, read_series
     from dicomnode.series.geometry import to_canonical
-    from dicomnode.volume import resample
 
     cfg = ctx.cfg
     key = series_key(job.series_instance_uid)
@@ -237,6 +256,10 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
         qc: dict[str, Any] = {}
         region_summaries: list[RegionSummary] = []
         if "anatomy19" in pipeline.models:
+            from dicomnode.anatomy import qc as anatomy_qc
+            from dicomnode.anatomy.register import apply_orientation, register
+            from dicomnode.anatomy.regions import crop_region, paste_back
+
             with timer("infer:anatomy19"):
                 anatomy = ctx.client.segment_native(volume, "anatomy19")
             with timer("register"):
@@ -257,17 +280,15 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
                     anatomy = ctx.client.segment_native(volume, "anatomy19")
                     reg = register(anatomy.labels, ctx.atlas)
                 orientation["corrected"] = True
-            anatomy_on_grid = resample(anatomy.labels, volume.affine, volume.shape, order=0)
-            predictions.append(("anatomy19", type(anatomy)(labels=anatomy_on_grid, manifest=anatomy.manifest)))
+            predictions.append(("anatomy19", anatomy))  # at 3 mm; build_seg maps it onto the source frames
             # 6. regions: atlas boxes -> scan boxes -> crops -> region models -> paste back
             if reg.verified and pipeline.regions:
                 models_for = dict(region_model_pairs(pipeline))
                 for name in pipeline.regions:
                     with timer(f"crop:{name}"):
                         crop = crop_region(volume, reg, ctx.regions[name], anatomy.labels)
-                    region_summaries.append(RegionSummary(
-                        name=name, lower=tuple(int(v) for v in crop.lower),  # type: ignore[arg-type]
-                        upper=tuple(int(v) for v in crop.upper), model=models_for.get(name, "")))
+                    lower, upper = _source_box(reorientation, crop.lower, crop.upper)
+                    region_summaries.append(RegionSummary(name, lower, upper, models_for.get(name, "")))
                     if name in models_for:
                         with timer(f"infer:{models_for[name]}"):
                             pred = ctx.client.segment(crop.volume, models_for[name])
@@ -278,22 +299,19 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
             with timer("qc"):
                 report = anatomy_qc.check(anatomy.labels, reg)
                 qc.update(report.to_json())
-        # 7. results on the source grid: SEG (one segment per label) + SR (regions, volumes, QC)
+        # 7. results: SEG (one segment per label, mapped back onto the source frames) + SR
         with timer("results"):
-            on_source = [(m, type(p)(labels=reorientation.invert(p.labels) if p.labels.same_grid(volume)
-                                     else reorientation.invert(resample(p.labels, volume.affine, volume.shape)),
-                                     manifest=p.manifest))
-                         for m, p in predictions]
-            versions = {m: p.manifest.version for m, p in on_source}
-            segments = [s for m, p in on_source for s in _segments(p, m)]
+            preds = [p for _, p in predictions]
+            seg = build_seg(headers, preds, cfg.results)
+            measured = measure_predictions(preds, source)
             summary = SeriesSummary(
                 series_key=key, pipeline=pipeline.name, modality=source.modality, shape=source.shape,
                 spacing_mm=source.spacing, header_orientation=_orientation_code(source),
-                orientation=orientation, regions=tuple(region_summaries), segments=tuple(segments),
-                qc=qc, model_versions=versions,
+                orientation={**orientation, "header_reoriented": not reorientation.is_identity},
+                regions=tuple(region_summaries), segments=_segment_summaries(predictions, measured), qc=qc,
+                model_versions={m: p.manifest.version for m, p in predictions},
             )
-            seg = build_seg(headers, [p for _, p in on_source], cfg.results, model_versions=versions)
-            sr = build_sr(headers, seg, ReportFindings.from_summary(summary), cfg.results)
+            sr = build_sr(headers, seg, _findings(summary, measured, source), cfg.results)
         # 8. hand over durably (outbox / results folder)
         with timer("deliver"):
             dest = pipeline.destinations
@@ -328,7 +346,8 @@ def _quarantine_report(job: Job, ctx: PipelineContext, headers: list[Any], pipel
         from dicomnode.results.sr import ReportFindings, build_sr
 
         with timer("quarantine_sr"):
-            sr = build_sr(headers, None, ReportFindings.quarantined(exc.kind, exc.reason), ctx.cfg.results)
+            findings = ReportFindings(quarantine_reason=exc.reason, quarantine_kind=exc.kind)
+            sr = build_sr(headers, None, findings, ctx.cfg.results)
             dest = pipeline.destinations if pipeline is not None else ()
             ctx.sink.deliver(job, [ResultObject("sr", sr, dest)], None)
         return ("sr",)

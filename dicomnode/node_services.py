@@ -1,0 +1,239 @@
+"""The processing half of a node, as services ``app.Node`` registers (see ``register_processing``):
+
+- :class:`InferenceService` - starts the local Triton server when ``triton.url = "local"``, builds
+  the inference client and checks every configured model's contract before anything runs
+  (``ModelContractError`` fails startup loudly);
+- :class:`SpoolSource` / :class:`NodeSink` - where a job's instances are (spool + database) and
+  where results go (the durable outbox for each destination, plus a results folder when configured
+  or when no peer receives results);
+- :class:`FolderSink` - results into one folder (``dicomnode process``);
+- :class:`MetricsServer` - Prometheus ``/metrics`` on ``web.metrics_port``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from dicomnode.config import Config
+from dicomnode.errors import SeriesError, TransientError
+from dicomnode.ops.logs import series_key
+from dicomnode.pipeline import PipelineContext, ResultObject, SeriesSummary
+from dicomnode.pipeline_select import check_model_repository, required_models
+from dicomnode.store.records import Job
+
+log = logging.getLogger(__name__)
+
+
+class InferenceService:
+    """The inference client for the pipeline; owns the local Triton server when configured.
+
+    ``segment`` / ``segment_native`` / ``manifest`` delegate to the client once started; before
+    that (or after a failed start) they raise TransientError so jobs are retried, not lost.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.server: Any = None
+        self.client: Any = None
+        self.url = ""
+
+    def start(self) -> None:
+        """Check the model repository, start local Triton if needed, connect, check contracts.
+
+        Raises ModelContractError (a configured model is missing or disagrees with its manifest)
+        and whatever LocalTriton raises when the server cannot start.
+        """
+        from dicomnode.infer.client import InferenceClient
+
+        models = check_model_repository(self.cfg)
+        t = self.cfg.triton
+        if t.url == "local":
+            from dicomnode.infer.server import LocalTriton
+
+            self.server = LocalTriton(self.cfg.resource(t.models_dir), self.cfg.path(t.venv_dir),
+                                      http_port=t.http_port, grpc_port=t.grpc_port)
+            self.server.start()
+            self.url = self.server.grpc_url if t.protocol == "grpc" else self.server.http_url
+        else:
+            self.url = t.url
+        self.client = InferenceClient.from_config(t, self.url)
+        self.client.check_contract(list(models))
+        log.info("inference ready (%s Triton, %d model(s))", "local" if self.server else "remote", len(models))
+
+    def stop(self) -> None:
+        """Close the client and stop the local server (if this service started one)."""
+        client, self.client = self.client, None
+        if client is not None and hasattr(client, "close"):
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - shutting down
+                log.exception("closing the inference client failed")
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def _ready(self) -> Any:
+        if self.client is None:
+            raise TransientError("inference not started")
+        return self.client
+
+    def segment(self, volume: Any, model: str) -> Any:
+        """See ``InferenceClient.segment``."""
+        return self._ready().segment(volume, model)
+
+    def segment_native(self, volume: Any, model: str) -> Any:
+        """See ``InferenceClient.segment_native``."""
+        return self._ready().segment_native(volume, model)
+
+
+class SpoolSource:
+    """A job's instance files: the database's instance rows, resolved in the spool."""
+
+    def __init__(self, db: Any, spool: Any) -> None:
+        self.db = db
+        self.spool = spool
+
+    def paths(self, job: Job) -> list[Path]:
+        """Spool paths of the series' instances; raises SeriesError("empty_series")."""
+        metas = self.db.series_instances(job.series_instance_uid)
+        if not metas:
+            raise SeriesError("empty_series", kind="inconsistent", detail="no stored instances")
+        return [self.spool.abspath(m.path) for m in metas]
+
+
+class DirectorySource:
+    """The files of one series folder (``dicomnode process``)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = list(files)
+
+    def paths(self, job: Job) -> list[Path]:
+        """The folder's files; raises SeriesError("empty_series") when there are none."""
+        if not self.files:
+            raise SeriesError("empty_series", kind="inconsistent", detail="no files")
+        return self.files
+
+
+def write_results(folder: Path, objects: list[ResultObject], summary: SeriesSummary | None,
+                  extra: dict[str, Any] | None = None) -> list[Path]:
+    """Write ``<kind>.dcm`` for each object (+ ``summary.json``) atomically into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for obj in objects:
+        final = folder / f"{obj.kind}.dcm"
+        tmp = folder / f".{obj.kind}.dcm.tmp"
+        obj.dataset.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, final)
+        written.append(final)
+    if summary is not None or extra:
+        doc = {**(summary.to_json() if summary is not None else {}), **(extra or {})}
+        tmp = folder / ".summary.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, folder / "summary.json")
+        written.append(folder / "summary.json")
+    return written
+
+
+class FolderSink:
+    """Results into one folder (``dicomnode process``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.written: list[Path] = []
+
+    def deliver(self, job: Job, objects: list[ResultObject], summary: SeriesSummary | None) -> None:
+        """Write the objects (and summary) into the folder; raises OSError."""
+        self.written.extend(write_results(self.folder, objects, None))
+
+
+def result_destinations(cfg: Config, objects_dest: tuple[str, ...]) -> tuple[str, ...]:
+    """The peers results go to: the pipeline's destinations, else every peer with receives_results."""
+    return objects_dest or tuple(p.name for p in cfg.peers if p.receives_results)
+
+
+def results_folder(cfg: Config) -> Path | None:
+    """The results folder (``results.write_dir`` under data_dir; "results" when no peer receives)."""
+    if cfg.results.write_dir:
+        return cfg.data_dir / cfg.results.write_dir
+    if not any(p.receives_results for p in cfg.peers):
+        return cfg.data_dir / "results"
+    return None
+
+
+class NodeSink:
+    """Results of the running node: durable outbox entries per destination + the results folder."""
+
+    def __init__(self, cfg: Config, outbox: Any) -> None:
+        self.cfg = cfg
+        self.outbox = outbox
+        self.folder = results_folder(cfg)
+
+    def deliver(self, job: Job, objects: list[ResultObject], summary: SeriesSummary | None) -> None:
+        """Queue every object for every destination (durably), write the results folder copy.
+
+        Raises TransientError when the outbox cannot take the objects now (the job is retried).
+        """
+        if self.folder is not None:
+            try:
+                write_results(self.folder / series_key(job.series_instance_uid), objects, summary)
+            except OSError as exc:
+                raise TransientError(f"results folder not writable: {type(exc).__name__}") from exc
+        for obj in objects:
+            for dest in result_destinations(self.cfg, obj.destinations):
+                self.outbox.enqueue(obj.dataset, dest, kind=obj.kind)
+
+
+class MetricsServer:
+    """``NodeMetrics`` served on ``web.host:web.metrics_port`` as a node service."""
+
+    def __init__(self, cfg: Config, metrics: Any) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.port = 0
+
+    def start(self) -> None:
+        """Bind and serve; raises OSError when the port is taken."""
+        self.port = self.metrics.serve(self.cfg.web.host, self.cfg.web.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", self.cfg.web.host, self.port)
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.metrics.stop()
+
+
+def load_anatomy(cfg: Config) -> tuple[Any, dict[str, Any]]:
+    """The atlas and the regions the pipelines use (None, {} when no pipeline uses regions).
+
+    Raises ModelContractError / OSError (via the anatomy loaders) when they are missing.
+    """
+    wanted = sorted({r for pl in cfg.pipelines for r in pl.regions})
+    if not any("anatomy19" in pl.models for pl in cfg.pipelines):
+        return None, {}
+    from dicomnode.anatomy.atlas import load_atlas
+    from dicomnode.anatomy.regions import load_regions
+
+    atlas = load_atlas(cfg.resource(cfg.anatomy.atlas_file))
+    regions = load_regions(cfg.resource(cfg.anatomy.regions_dir))
+    missing = [r for r in wanted if r not in regions]
+    if missing:
+        from dicomnode.errors import ModelContractError
+
+        raise ModelContractError(f"configured region(s) not defined in {cfg.anatomy.regions_dir}: {', '.join(missing)}")
+    return atlas, regions
+
+
+def build_context(cfg: Config, client: Any, source: Any, sink: Any, progress: Any = None) -> PipelineContext:
+    """The pipeline context for ``cfg`` (atlas + regions loaded once)."""
+    atlas, regions = load_anatomy(cfg)
+    return PipelineContext(cfg=cfg, client=client, source=source, sink=sink, atlas=atlas, regions=regions,
+                           progress=progress)
+
+
+__all__ = [
+    "InferenceService", "SpoolSource", "DirectorySource", "FolderSink", "NodeSink", "MetricsServer",
+    "write_results", "results_folder", "result_destinations", "load_anatomy", "build_context",
+    "required_models",
+]
