@@ -1,0 +1,323 @@
+"""The Storage SCP: C-ECHO and C-STORE into the durable spool.
+
+Per C-STORE: the raw encoded dataset (as received, never decoded) gets a Part-10 file meta
+header; only the few header elements completion needs are parsed (pydicom, ``stop_before_pixels``
++ ``specific_tags``); UIDs are validated; the file is written durably (:mod:`dicomnode.store.spool`)
+and its row committed (:mod:`dicomnode.store.db`); only then is 0x0000 returned.
+
+Outcomes (exceptions become statuses here, and only here):
+0xA700 out of resources (quota, disk full, database error) - nothing stored;
+0xA900 dataset does not match (SOP class/instance differ from the command, type 1 UIDs missing);
+0xC000 cannot understand (unparseable, invalid UIDs); 0x0122 for classes not offered.
+
+Connections: TCP_NODELAY on every accepted socket; DICOM TLS when ``[tls] enabled`` (a plain
+connection is refused when ``require``); calling-AE/host allow-list (:mod:`dicomnode.net.security`)
+enforced at A-ASSOCIATE with reason (1, 1, 3).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+import uuid
+from io import BytesIO
+from typing import Any, Callable
+
+import pydicom
+from pydicom.tag import Tag
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from dicomnode.config import Config
+from dicomnode.errors import InstanceRejected
+from dicomnode.net import dimse
+from dicomnode.net.security import REJECT_UNKNOWN_CALLER, AllowList, looks_like_tls, server_ssl_context
+from dicomnode.ops.logs import quiet_third_party, series_key
+from dicomnode.store.db import Database
+from dicomnode.store.records import InstanceMeta
+from dicomnode.store.spool import Spool, valid_uid
+
+LOG = logging.getLogger("dicomnode.scp")
+IMPLEMENTATION_VERSION = b"DICOMNODE_01"
+
+_HEADER_TAGS = [Tag(t) for t in (
+    0x00080016, 0x00080018, 0x00080060, 0x0020000D, 0x0020000E, 0x00200013, 0x00200032, 0x00200037,
+    0x00200052, 0x00280008,
+)]
+
+
+def _element(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        return struct.pack("<HH2sHI", tag[0], tag[1], vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag[0], tag[1], vr, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    b = value.encode("ascii")
+    return b + b"\x00" if len(b) % 2 else b
+
+
+def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, ``DICM`` and an explicit-VR-little-endian group 0002 for the raw dataset."""
+    ae = source_ae.strip().encode("ascii", "replace")
+    if len(ae) % 2:
+        ae += b" "
+    body = b"".join((
+        _element((0x0002, 0x0001), b"OB", b"\x00\x01"),
+        _element((0x0002, 0x0002), b"UI", _ui(sop_class)),
+        _element((0x0002, 0x0003), b"UI", _ui(sop_instance)),
+        _element((0x0002, 0x0010), b"UI", _ui(transfer_syntax)),
+        _element((0x0002, 0x0012), b"UI", _ui(str(PYNETDICOM_IMPLEMENTATION_UID))),
+        _element((0x0002, 0x0013), b"SH", IMPLEMENTATION_VERSION),
+        *((_element((0x0002, 0x0016), b"AE", ae),) if ae else ()),
+    ))
+    return b"\x00" * 128 + b"DICM" + _element((0x0002, 0x0000), b"UL", struct.pack("<I", len(body))) + body
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(v == v and abs(v) < 1e7 for v in out) else None
+
+
+def parse_header(part10: bytes, *, sop_class: str, sop_instance: str) -> dict[str, Any]:
+    """The header fields the node keeps, from a Part-10 byte string; pixel data is never read.
+
+    Raises InstanceRejected 0xC000 when unparseable or a UID is invalid, 0xA900 when the dataset
+    contradicts the command or lacks a type 1 UID.
+    """
+    try:
+        ds = pydicom.dcmread(BytesIO(part10), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        vals = {k: ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                                        "Modality", "InstanceNumber", "ImagePositionPatient",
+                                        "ImageOrientationPatient", "FrameOfReferenceUID", "NumberOfFrames")}
+    except Exception as exc:  # pydicom raises many types on hostile input
+        raise InstanceRejected(dimse.STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed") from exc
+    for key in ("StudyInstanceUID", "SeriesInstanceUID"):
+        if not vals[key]:
+            raise InstanceRejected(dimse.STATUS_DATASET_MISMATCH, f"{key} missing")
+        if not valid_uid(str(vals[key])):
+            raise InstanceRejected(dimse.STATUS_CANNOT_UNDERSTAND, f"{key} invalid")
+    if vals["SOPInstanceUID"] and str(vals["SOPInstanceUID"]) != sop_instance:
+        raise InstanceRejected(dimse.STATUS_DATASET_MISMATCH, "SOP instance UID differs from the command")
+    if vals["SOPClassUID"] and str(vals["SOPClassUID"]) != sop_class:
+        raise InstanceRejected(dimse.STATUS_DATASET_MISMATCH, "SOP class UID differs from the command")
+    try:
+        number = int(vals["InstanceNumber"]) if vals["InstanceNumber"] not in (None, "") else None
+    except (TypeError, ValueError):
+        number = None
+    try:
+        frames = max(1, int(vals["NumberOfFrames"])) if vals["NumberOfFrames"] not in (None, "") else 1
+    except (TypeError, ValueError):
+        frames = 1
+    for_uid = str(vals["FrameOfReferenceUID"] or "")
+    return {
+        "study": str(vals["StudyInstanceUID"]), "series": str(vals["SeriesInstanceUID"]),
+        "modality": str(vals["Modality"] or "")[:16], "number": number,
+        "position": _floats(vals["ImagePositionPatient"], 3),
+        "orientation": _floats(vals["ImageOrientationPatient"], 6),
+        "frames": frames, "for_uid": for_uid if valid_uid(for_uid) else "",
+    }
+
+
+class _NodeACSE(ACSE):
+    """ACSE that applies the node's allow-list (calling AE + host) before negotiating."""
+
+    allow: AllowList
+
+    def _negotiate_as_acceptor(self) -> None:
+        rq = self.requestor.primitive
+        calling = str(getattr(rq, "calling_ae_title", "") or "")
+        host = str(getattr(self.assoc.requestor.address_info, "address", "") or "")
+        if not self.allow.permits(calling, host):
+            LOG.warning("association refused: caller not allowed (host %s)", host)
+            self.requestor.ae_title = calling
+            self.send_reject(*REJECT_UNKNOWN_CALLER)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()
+
+
+class StorageSCP:
+    """The node's DICOM listener. ``start()`` binds and serves in a thread; ``stop()`` closes it.
+
+    ``on_release(series_uids)`` is called after an association is released (for completion).
+    """
+
+    def __init__(self, cfg: Config, db: Database, spool: Spool,
+                 on_release: Callable[[list[str]], None] | None = None) -> None:
+        quiet_third_party()
+        self.cfg = cfg
+        self.db = db
+        self.spool = spool
+        self.on_release = on_release
+        self.allow = AllowList.from_config(cfg)
+        self.ssl_context: ssl.SSLContext | None = server_ssl_context(cfg)
+        self.server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+        self.nodelay_ok: bool | None = None  # TCP_NODELAY as read back from the last accepted socket
+        self.stats = {"stored": 0, "duplicates": 0, "rejected": 0, "associations": 0}
+        self._stats_lock = threading.Lock()
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        n = self.cfg.node
+        ae = AE(ae_title=n.ae_title)
+        ae.maximum_pdu_size = n.max_pdu
+        ae.maximum_associations = n.max_associations
+        ae.network_timeout = n.network_timeout_s
+        ae.acse_timeout = 30
+        ae.dimse_timeout = n.network_timeout_s
+        ae.require_calling_aet = []
+        ae.implementation_version_name = IMPLEMENTATION_VERSION.decode()
+        ae.add_supported_context(dimse.VERIFICATION)
+        for sop in dimse.IMAGE_STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop, list(dimse.ACCEPTED_TRANSFER_SYNTAXES))
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        """Bind ``node.bind_address:node.port`` and serve in a daemon thread; raises OSError."""
+        scp = self
+
+        class Handler(RequestHandler):
+            def handle(self) -> None:  # runs in the connection's own thread
+                sock = self.request
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    scp.nodelay_ok = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                    sock = scp._maybe_tls(sock)
+                except OSError as exc:
+                    LOG.warning("connection from %s dropped: %s", self.client_address[0], exc.__class__.__name__)
+                    return
+                if sock is None:
+                    return
+                self.request = sock
+                super().handle()
+
+            def _create_association(self) -> Any:
+                assoc = super()._create_association()
+                acse = _NodeACSE(assoc)
+                acse.allow = scp.allow
+                assoc.acse = acse
+                assoc.dicomnode_id = uuid.uuid4().hex  # type: ignore[attr-defined]
+                assoc.dul._run_loop_delay = 0.0005
+                return assoc
+
+        handlers = [
+            (evt.EVT_C_ECHO, lambda event: 0x0000),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ESTABLISHED, self._on_established),
+        ]
+        address = (self.cfg.node.bind_address, self.cfg.node.port)
+        server = ThreadedAssociationServer(self.ae, address, self.cfg.node.ae_title, self.ae.supported_contexts,
+                                           evt_handlers=handlers, request_handler=Handler)
+        server.daemon_threads = True
+        self.server = server
+        self.ae._servers.append(server)
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="dicomnode-scp", daemon=True)
+        self._thread.start()
+        LOG.info("storage SCP listening on %s:%d (AE %s, TLS %s)", address[0], self.port, self.cfg.node.ae_title,
+                 "on" if self.ssl_context else "off")
+
+    def _maybe_tls(self, sock: socket.socket) -> socket.socket | None:
+        """Wrap ``sock`` in TLS when its first byte is a TLS handshake; None to drop it."""
+        if self.ssl_context is None:
+            return sock
+        sock.settimeout(self.cfg.node.network_timeout_s)
+        first = sock.recv(1, socket.MSG_PEEK)
+        if looks_like_tls(first):
+            try:
+                return self.ssl_context.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                LOG.warning("TLS handshake failed: %s", exc.__class__.__name__)
+                return None
+        if self.cfg.tls.require:
+            LOG.warning("plain connection refused: TLS is required")
+            return None
+        return sock
+
+    def stop(self) -> None:
+        """Stop accepting, abort open associations, close the socket."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            if self.server in self.ae._servers:
+                self.ae._servers.remove(self.server)
+            for assoc in self.ae.active_associations:
+                assoc.abort()
+            self.server = None
+
+    # ---- event handlers ------------------------------------------------------------------
+    def _on_established(self, event: Any) -> None:
+        with self._stats_lock:
+            self.stats["associations"] += 1
+
+    def _on_released(self, event: Any) -> None:
+        assoc_id = getattr(event.assoc, "dicomnode_id", "")
+        try:
+            series = self.db.association_released(assoc_id)
+        except Exception:  # the series still completes by quiet period
+            LOG.exception("could not record association release")
+            return
+        if series and self.on_release is not None:
+            self.on_release(series)
+
+    def _on_store(self, event: Any) -> int:
+        try:
+            return self._store(event)
+        except InstanceRejected as exc:
+            with self._stats_lock:
+                self.stats["rejected"] += 1
+            LOG.warning("C-STORE refused 0x%04X: %s", exc.status, exc.reason)
+            return exc.status
+        except Exception as exc:  # database errors, unexpected OS errors: nothing acknowledged
+            with self._stats_lock:
+                self.stats["rejected"] += 1
+            LOG.error("C-STORE failed (%s): answered 0xA700", exc.__class__.__name__)
+            return dimse.STATUS_OUT_OF_RESOURCES
+
+    def _store(self, event: Any) -> int:
+        req = event.request
+        sop_class = str(req.AffectedSOPClassUID or "")
+        sop_uid = str(req.AffectedSOPInstanceUID or "")
+        if sop_class not in dimse.IMAGE_STORAGE_SOP_CLASSES:
+            raise InstanceRejected(dimse.STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
+        if not valid_uid(sop_uid):
+            raise InstanceRejected(dimse.STATUS_CANNOT_UNDERSTAND, "invalid SOP instance UID")
+        ts = str(event.context.transfer_syntax)
+        calling = str(event.assoc.requestor.ae_title).strip()
+        raw = req.DataSet.getbuffer() if hasattr(req.DataSet, "getbuffer") else memoryview(req.DataSet.getvalue())
+        if len(raw) == 0:
+            raise InstanceRejected(dimse.STATUS_CANNOT_UNDERSTAND, "empty dataset")
+        meta_bytes = file_meta_bytes(sop_class, sop_uid, ts, calling)
+        h = parse_header(meta_bytes + bytes(raw), sop_class=sop_class, sop_instance=sop_uid)
+        rel = self.spool.relative_path(h["study"], h["series"], sop_uid)
+        size = self.spool.write(rel, (meta_bytes, raw))
+        meta = InstanceMeta(
+            sop_instance_uid=sop_uid, sop_class_uid=sop_class, series_instance_uid=h["series"],
+            study_instance_uid=h["study"], transfer_syntax_uid=ts, modality=h["modality"], path=rel,
+            size_bytes=size, instance_number=h["number"], position=h["position"],  # type: ignore[arg-type]
+            orientation=h["orientation"], frames=h["frames"], frame_of_reference_uid=h["for_uid"],
+            calling_ae=calling, association_id=getattr(event.assoc, "dicomnode_id", ""), received_at=time.time(),
+        )
+        new = self.db.add_instance(meta)
+        with self._stats_lock:
+            self.stats["stored" if new else "duplicates"] += 1
+        if not new:
+            LOG.debug("duplicate instance stored once (series %s)", series_key(h["series"]))
+        return dimse.STATUS_SUCCESS
