@@ -10,6 +10,7 @@ left, anterior at the top). The same convention as CTARR's atlas frame (z grows 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,10 +46,24 @@ def canonical_grid(volume: Volume, spacing: tuple[float, float, float]) -> tuple
 
 
 def to_model_grid(volume: Volume, manifest: ModelManifest) -> Volume:
-    """``volume`` linearly resampled onto the model's canonical grid; outside gets the volume's minimum."""
+    """``volume`` linearly resampled onto the model's canonical grid (float32).
+
+    Each source voxel covers +-0.5 voxel around its centre: grid points within that extent get
+    (edge-clamped) linear interpolation, so edge slices survive rounding; points outside it (the
+    corners of an oblique volume's bounding box) get the volume's minimum (air for CT).
+    """
+    from scipy import ndimage
+
     aff, shape = canonical_grid(volume, manifest.spacing_mm)
     fill = float(np.min(volume.array)) if volume.array.size else 0.0
-    return resample(volume, aff, shape, order=1, cval=fill)
+    m = np.linalg.inv(volume.affine) @ aff
+    src = np.ascontiguousarray(volume.array, dtype=np.float32)
+    out = ndimage.affine_transform(src, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=1,
+                                   mode="nearest", prefilter=False)
+    inside = ndimage.affine_transform(np.ones(volume.shape, np.uint8), m[:3, :3], offset=m[:3, 3],
+                                      output_shape=shape, order=0, mode="grid-constant", cval=0, prefilter=False)
+    out[inside == 0] = fill
+    return dataclasses.replace(volume, array=out, affine=aff)
 
 
 def normalise(array: np.ndarray, manifest: ModelManifest, modality: str) -> np.ndarray:
