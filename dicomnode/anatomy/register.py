@@ -1,0 +1,448 @@
+"""CTARR registration of an anatomy segmentation to the atlas (../shared/CTARR.md sections 3-4).
+
+Transform: ``atlas_mm = scale * O @ (frame_mm - centre) + translation`` per atlas-frame axis, where
+``frame_mm`` is the scan point in the atlas-frame axes (feet, back, left; see atlas.py), ``centre``
+the scan grid centre and ``O`` a quarter-turn rotation in the axial plane (``rotation_k``) followed
+by an optional z flip. ``O`` says how the anatomy really lies compared with what the header claims.
+
+1. Landmarks: centre of mass and mass of each anatomy; coverage weight = scan mass / atlas mass.
+2. Orientation search over the 8 configurations with a weighted least-squares translation fit.
+   Beyond the paper: an anatomy cut by the scan border along an axis only gives a one-sided
+   constraint along that axis (its true centre lies beyond the observed one), and the decision is
+   verified only when the best configuration beats every other one by a clear margin - rotation
+   and z direction separately; otherwise the header orientation is kept and ``verified`` is false.
+3. Dice descent of per-axis scale and translation (normalised parameters as in the paper's code:
+   step 0.05, halve when the loss improved by less than 0.005, stop at the fourth halving). The
+   soft Dice is evaluated in scan space (equal to the atlas-space Dice by change of variables), so
+   each step costs O(foreground voxels) with analytic gradients: deterministic numpy, no threads.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dicomnode.anatomy.atlas import LPS_TO_FRAME, N_CLASSES, Atlas, FrameGrid, frame_aligned
+from dicomnode.volume import Volume
+
+STEP = 0.05
+MIN_IMPROVEMENT = 0.005
+N_HALVINGS = 4
+MAX_ITER = 400
+# orientation verification: the runner-up must be worse by this much (weighted RMS landmark error)
+VERIFY_MARGIN_MM = 15.0
+VERIFY_RATIO = 2.0
+ONE_SIDED_MIN_ML = 10.0
+ONE_SIDED_MIN_WEIGHT = 0.25
+MAX_POINTS = 60000  # Dice descent subsamples the foreground on a regular lattice above this
+
+_R1 = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # (z, y, x) -> (z, -x, y)
+_FZ = np.diag([-1.0, 1.0, 1.0])
+
+
+def orientation_matrix(k: int, z_flip: bool) -> np.ndarray:
+    """3x3 signed permutation acting on centred frame coordinates: k quarter turns, then z flip."""
+    o = np.linalg.matrix_power(_R1, int(k) % 4)
+    return _FZ @ o if z_flip else o
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Scan -> atlas transform plus the orientation finding (points in LPS mm / atlas-frame mm).
+
+    ``scale``/``translation`` are per atlas-frame axis (feet, back, left); ``centre`` is the LPS
+    position the orientation turns about (the anatomy grid centre). ``residual`` is the weighted
+    RMS landmark error (mm) after refinement; ``dice`` the mean soft Dice at the end.
+    """
+
+    rotation_k: int
+    z_flip: bool
+    scale: tuple[float, float, float]
+    translation: tuple[float, float, float]
+    residual: float
+    verified: bool
+    reason: str
+    centre: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    dice: float = 0.0
+    iterations: int = 0
+    weights: tuple[float, ...] = ()
+    rotation_margin_mm: float = 0.0
+    flip_margin_mm: float = 0.0
+    paper_rule: bool = False
+    suggested: tuple[int, bool] = (0, False)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The orientation matrix O (frame coordinates)."""
+        return orientation_matrix(self.rotation_k, self.z_flip)
+
+    @property
+    def reoriented(self) -> bool:
+        """True when the anatomy disagrees with the header (rotation or flip)."""
+        return self.rotation_k % 4 != 0 or self.z_flip
+
+    def to_atlas(self, points_mm: np.ndarray) -> np.ndarray:
+        """(N, 3) scan LPS mm -> (N, 3) atlas-frame mm."""
+        p = np.atleast_2d(np.asarray(points_mm, np.float64))
+        fc = LPS_TO_FRAME @ np.asarray(self.centre)
+        q = (p @ LPS_TO_FRAME.T - fc) @ self.matrix.T
+        return q * np.asarray(self.scale) + np.asarray(self.translation)
+
+    def to_scan(self, points_mm: np.ndarray) -> np.ndarray:
+        """(N, 3) atlas-frame mm -> (N, 3) scan LPS mm (inverse of :meth:`to_atlas`)."""
+        a = np.atleast_2d(np.asarray(points_mm, np.float64))
+        q = (a - np.asarray(self.translation)) / np.asarray(self.scale)
+        fc = LPS_TO_FRAME @ np.asarray(self.centre)
+        f = q @ self.matrix + fc  # O orthogonal: inverse = transpose
+        return f @ LPS_TO_FRAME
+
+    def corrected(self) -> "Registration":
+        """The same transform for the volume after :func:`apply_orientation` (no rotation/flip)."""
+        return dataclasses.replace(self, rotation_k=0, z_flip=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable summary (orientation + transform)."""
+        return {
+            "orientation": {"rotation_quarter_turns": int(self.rotation_k), "z_flipped": bool(self.z_flip),
+                            "verified": bool(self.verified), "reason": self.reason,
+                            "rotation_margin_mm": round(self.rotation_margin_mm, 2),
+                            "flip_margin_mm": round(self.flip_margin_mm, 2), "paper_rule": bool(self.paper_rule),
+                            "suggested": {"rotation_quarter_turns": int(self.suggested[0]),
+                                          "z_flipped": bool(self.suggested[1])}},
+            "transform": {"frame": "atlas mm: axis0 feet, axis1 back, axis2 left; atlas = scale*O*(scan-centre)+t",
+                          "scale": [round(float(v), 5) for v in self.scale],
+                          "translation_mm": [round(float(v), 3) for v in self.translation],
+                          "centre_lps_mm": [round(float(v), 3) for v in self.centre],
+                          "residual_mm": round(float(self.residual), 3), "dice": round(float(self.dice), 4),
+                          "iterations": int(self.iterations)},
+        }
+
+    @staticmethod
+    def simple(scale: np.ndarray, translation: np.ndarray, anatomy: Volume) -> "Registration":
+        """A transform without orientation change about ``anatomy``'s grid centre (atlas building)."""
+        fg = frame_aligned(anatomy)
+        centre = tuple(float(v) for v in fg.centre @ LPS_TO_FRAME)
+        return Registration(0, False, tuple(float(v) for v in scale), tuple(float(v) for v in translation),  # type: ignore[arg-type]
+                            0.0, True, "given", centre=centre)  # type: ignore[arg-type]
+
+
+# ---- scan points and landmarks ---------------------------------------------------------------
+@dataclass(frozen=True)
+class _Scan:
+    q: np.ndarray  # (N, 3) centred frame mm of foreground points
+    cls: np.ndarray  # (N,) 0-based class
+    w: np.ndarray  # (N,) weight (1 or probability)
+    grid: FrameGrid
+    mass: np.ndarray  # (19,) mm^3
+    com: np.ndarray  # (19, 3) centred frame mm
+    trunc: np.ndarray  # (19, 3, 2) bool: touches the (low, high) border along each frame axis
+
+
+def _scan_points(anatomy: Volume, probabilities: np.ndarray | None) -> _Scan:
+    grid = frame_aligned(anatomy)
+    arr = grid.array
+    shape = np.asarray(arr.shape)
+    if probabilities is None:
+        lab = arr.astype(np.int64)
+        sel = (lab >= 1) & (lab <= N_CLASSES)
+        idx = np.argwhere(sel)
+        cls = lab[sel] - 1
+        w = np.ones(len(idx))
+        hard_idx, hard_cls = idx, cls
+    else:
+        probs = np.asarray(probabilities, np.float32)
+        if probs.shape[0] == N_CLASSES + 1:
+            probs = probs[1:]
+        if probs.shape != (N_CLASSES,) + anatomy.shape:
+            raise ValueError(f"probabilities must be (19 or 20, *anatomy.shape), got {probs.shape}")
+        chans = [frame_aligned(Volume(probs[c], anatomy.affine), order=1).array for c in range(N_CLASSES)]
+        stack = np.stack(chans)
+        sel = stack >= 0.05
+        cidx = np.argwhere(sel)
+        cls, idx, w = cidx[:, 0], cidx[:, 1:], stack[sel].astype(np.float64)
+        strong = stack >= 0.5
+        hidx = np.argwhere(strong)
+        hard_cls, hard_idx = hidx[:, 0], hidx[:, 1:]
+    q = idx * grid.spacing + grid.origin - grid.centre
+    vox = float(np.prod(grid.spacing))
+    tot = np.bincount(cls, weights=w, minlength=N_CLASSES)
+    mass = tot * vox
+    com = np.zeros((N_CLASSES, 3))
+    for a in range(3):
+        com[:, a] = np.bincount(cls, weights=w * q[:, a], minlength=N_CLASSES) / np.maximum(tot, 1e-9)
+    trunc = np.zeros((N_CLASSES, 3, 2), bool)
+    for a in range(3):
+        lo_hit = np.bincount(hard_cls, weights=(hard_idx[:, a] == 0).astype(float), minlength=N_CLASSES)
+        hi_hit = np.bincount(hard_cls, weights=(hard_idx[:, a] == shape[a] - 1).astype(float), minlength=N_CLASSES)
+        trunc[:, a, 0] = lo_hit > 0
+        trunc[:, a, 1] = hi_hit > 0
+    return _Scan(q, cls.astype(np.int64), w, grid, mass, com, trunc)
+
+
+def coverage_weights(scan_mass: np.ndarray, atlas: Atlas) -> np.ndarray:
+    """w_c = scan mass / atlas mass (0 where either is 0), capped at 1, not normalised."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(atlas.mass > 0, scan_mass / np.where(atlas.mass > 0, atlas.mass, 1.0), 0.0)
+    return np.clip(w, 0.0, 1.0)
+
+
+# ---- orientation search ----------------------------------------------------------------------
+def _axis_fit(d: np.ndarray, wf: np.ndarray, kind: np.ndarray) -> tuple[float, float, float]:
+    """Fit t minimising sum w*rho(d - t)^2; kind 0 full, +1 (need d >= t), -1 (need d <= t), 2 none.
+
+    Returns (t, cost, weight of the terms used).
+    """
+    use = (kind != 2) & (wf > 0)
+    if not np.any(use):
+        return 0.0, 0.0, 0.0
+    d, wf, kind = d[use], wf[use], kind[use]
+    full = kind == 0
+    t = float(np.average(d[full], weights=wf[full])) if np.any(full) else float(np.average(d, weights=wf))
+
+    def cost(tv: float) -> float:
+        r = d - tv
+        r = np.where(kind == 1, np.minimum(r, 0.0), np.where(kind == -1, np.maximum(r, 0.0), r))
+        return float(np.sum(wf * r * r))
+
+    best_t, best_c = t, cost(t)
+    for _ in range(25):
+        r = d - t
+        active = full | ((kind == 1) & (r < 0)) | ((kind == -1) & (r > 0))
+        if not np.any(active):
+            break
+        t_new = float(np.average(d[active], weights=wf[active]))
+        c = cost(t_new)
+        if c < best_c - 1e-12:
+            best_t, best_c = t_new, c
+        if abs(t_new - t) < 1e-6:
+            break
+        t = t_new
+    return best_t, best_c, float(np.sum(wf))
+
+
+def _kinds(trunc: np.ndarray, o: np.ndarray) -> np.ndarray:
+    """Per class and oriented axis: 0 full, +1 cut at the high end, -1 cut at the low end, 2 both."""
+    out = np.zeros((N_CLASSES, 3), np.int64)
+    for i in range(3):
+        j = int(np.argmax(np.abs(o[i])))
+        sgn = o[i, j]
+        lo, hi = trunc[:, j, 0], trunc[:, j, 1]
+        if sgn < 0:
+            lo, hi = hi, lo
+        out[:, i] = np.where(lo & hi, 2, np.where(hi, 1, np.where(lo, -1, 0)))
+    return out
+
+
+def _orientation_costs(scan: _Scan, atlas: Atlas, wc: np.ndarray) -> dict[tuple[int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For each configuration: (translation (3), cost per axis (3), weight per axis (3))."""
+    present = scan.mass > 0
+    wn = wc / max(wc.sum(), 1e-12)
+    w_os = np.where(scan.mass >= ONE_SIDED_MIN_ML * 1000.0, np.maximum(wc, ONE_SIDED_MIN_WEIGHT), wc)
+    w_os = w_os / max(wc.sum(), 1e-12)
+    out = {}
+    for k in range(4):
+        for flip in (False, True):
+            o = orientation_matrix(k, flip)
+            x = scan.com @ o.T
+            kinds = _kinds(scan.trunc, o)
+            t, c, wsum = np.zeros(3), np.zeros(3), np.zeros(3)
+            for a in range(3):
+                wf = np.where(kinds[:, a] == 0, wn, w_os) * present * (atlas.mass > 0)
+                t[a], c[a], wsum[a] = _axis_fit(atlas.com[:, a] - x[:, a], wf, kinds[:, a])
+            out[(k, flip)] = (t, c, wsum)
+    return out
+
+
+def _rms(cost: float, weight: float) -> float:
+    return float(np.sqrt(cost / weight)) if weight > 0 else 0.0
+
+
+def _decide(costs: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[int, bool, float, float, str, bool]:
+    """(k, flip, rotation margin, flip margin, reason, verified) from the per-axis costs."""
+    # costs separate: axes 1-2 depend only on k, axis 0 only on the flip
+    inplane = {k: costs[(k, False)][1][1:].sum() for k in range(4)}
+    w_in = {k: costs[(k, False)][2][1:].sum() for k in range(4)}
+    zc = {f: costs[(0, f)][1][0] for f in (False, True)}
+    wz = {f: costs[(0, f)][2][0] for f in (False, True)}
+    rms_in = {k: _rms(inplane[k], w_in[k]) for k in range(4)}
+    rms_z = {f: _rms(zc[f], wz[f]) for f in (False, True)}
+    order = sorted(range(4), key=lambda k: (rms_in[k], k))
+    k_best, k_next = order[0], order[1]
+    f_best = min((False, True), key=lambda f: (rms_z[f], f))
+    f_next = not f_best
+    m_rot = rms_in[k_next] - rms_in[k_best]
+    m_z = rms_z[f_next] - rms_z[f_best]
+    ok_rot = (w_in[k_best] > 0 and m_rot >= VERIFY_MARGIN_MM and rms_in[k_next] >= VERIFY_RATIO * rms_in[k_best])
+    ok_z = (wz[f_best] > 0 and m_z >= VERIFY_MARGIN_MM and rms_z[f_next] >= VERIFY_RATIO * rms_z[f_best])
+    reasons = []
+    if not ok_rot:
+        reasons.append(f"axial rotation undecided: best {k_best * 90} deg leads by {m_rot:.1f} mm "
+                       f"(needs {VERIFY_MARGIN_MM:.0f} mm and x{VERIFY_RATIO:.0f})")
+    if not ok_z:
+        reasons.append(f"head-feet direction undecided: leads by {m_z:.1f} mm "
+                       f"(needs {VERIFY_MARGIN_MM:.0f} mm and x{VERIFY_RATIO:.0f})")
+    verified = ok_rot and ok_z
+    reason = ("anatomy confirms the orientation" if verified and k_best == 0 and not f_best
+              else "anatomy disagrees with the header" if verified else "; ".join(reasons))
+    return k_best, bool(f_best), float(m_rot), float(m_z), reason, verified
+
+
+# ---- Dice descent ----------------------------------------------------------------------------
+def _sample(atlas: Atlas, cls: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear atlas value of each point's own class at atlas-frame mm ``y``, and d/dy (mm^-1)."""
+    u = (y - atlas.origin) / atlas.spacing - atlas.lower[cls] + 1.0  # padded box index
+    dims = atlas.dims[cls]
+    inside = np.all((u >= 0) & (u <= dims - 1), axis=1)
+    u = np.clip(u, 0, dims - 1.000001)
+    i0 = np.floor(u).astype(np.int64)
+    f = u - i0
+    s1 = dims[:, 2]
+    s0 = dims[:, 1] * s1
+    base = atlas.offsets[cls] + i0[:, 0] * s0 + i0[:, 1] * s1 + i0[:, 2]
+    fl = atlas.flat
+    v = [[[fl[base + a * s0 + b * s1 + c] for c in (0, 1)] for b in (0, 1)] for a in (0, 1)]
+    f0, f1, f2 = f[:, 0], f[:, 1], f[:, 2]
+    g0, g1, g2 = 1 - f0, 1 - f1, 1 - f2
+    c00 = v[0][0][0] * g2 + v[0][0][1] * f2
+    c01 = v[0][1][0] * g2 + v[0][1][1] * f2
+    c10 = v[1][0][0] * g2 + v[1][0][1] * f2
+    c11 = v[1][1][0] * g2 + v[1][1][1] * f2
+    c0 = c00 * g1 + c01 * f1
+    c1 = c10 * g1 + c11 * f1
+    val = c0 * g0 + c1 * f0
+    d0 = c1 - c0
+    d1 = (c01 - c00) * g0 + (c11 - c10) * f0
+    e0 = (v[0][0][1] - v[0][0][0]) * g1 + (v[0][1][1] - v[0][1][0]) * f1
+    e1 = (v[1][0][1] - v[1][0][0]) * g1 + (v[1][1][1] - v[1][1][0]) * f1
+    d2 = e0 * g0 + e1 * f0
+    grad = np.stack([d0, d1, d2], axis=1) / atlas.spacing
+    val = np.where(inside, val, 0.0)
+    grad = np.where(inside[:, None], grad, 0.0)
+    return val, grad
+
+
+def _window_mass(atlas: Atlas, lo_mm: np.ndarray, hi_mm: np.ndarray) -> np.ndarray:
+    """Atlas mass (voxel units) of each class with voxel centres inside [lo_mm, hi_mm]."""
+    out = np.zeros(N_CLASSES)
+    for c in range(N_CLASSES):
+        m, low = atlas.masks[c], atlas.lower[c]
+        pos0 = atlas.origin + low * atlas.spacing
+        a = np.ceil((lo_mm - pos0) / atlas.spacing - 1e-9).astype(int)
+        b = np.floor((hi_mm - pos0) / atlas.spacing + 1e-9).astype(int) + 1
+        a = np.clip(a, 0, m.shape)
+        b = np.clip(b, 0, m.shape)
+        if np.all(b > a):
+            out[c] = float(m[a[0]:b[0], a[1]:b[1], a[2]:b[2]].sum())
+    return out
+
+
+def _objective(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray) -> tuple[Any, np.ndarray]:
+    """(loss_grad(a, b) -> (loss, grad (6), mean dice), h): the soft Dice loss of atlas = t0 + (q - h*b)/a."""
+    q, cls, w = scan.q, scan.cls, scan.w
+    n = len(q)
+    if n > MAX_POINTS:  # regular lattice subsample, each kept point stands for m^3 voxels
+        m = int(np.ceil((n / MAX_POINTS) ** (1 / 3)))
+        idx = np.round((q - q.min(axis=0)) / scan.grid.spacing).astype(np.int64)
+        keep = np.all(idx % m == 0, axis=1)
+        q, cls, w = q[keep], cls[keep], w[keep] * float(m ** 3)
+    qo = q @ o.T
+    shape_o = np.abs(o) @ (np.asarray(scan.grid.array.shape) * scan.grid.spacing)
+    h = shape_o / 2.0
+    vs_va = float(np.prod(scan.grid.spacing)) / atlas.voxel_volume
+    m_win = _window_mass(atlas, t0 - h, t0 + h)
+    present = np.bincount(cls, weights=w, minlength=N_CLASSES) > 0
+    n_present = max(int(present.sum()), 1)
+
+    def loss_grad(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray, float]:
+        y = t0 + (qo - h * b) / a
+        inw = np.all(np.abs(y - t0) <= h, axis=1)
+        val, g = _sample(atlas, cls, y)
+        ww = w * inw
+        s_c = np.bincount(cls, weights=ww, minlength=N_CLASSES)
+        n_c = np.bincount(cls, weights=ww * val, minlength=N_CLASSES)
+        rho = float(np.prod(1.0 / a)) * vs_va
+        den = rho * s_c + m_win
+        safe = np.where(den > 0, den, 1.0)
+        dice = np.where(present & (den > 0), 2 * rho * n_c / safe, 0.0)
+        grad = np.zeros(6)
+        for k in range(3):
+            dy_da = -(qo[:, k] - h[k] * b[k]) / (a[k] ** 2)
+            dy_db = -h[k] / a[k]
+            gk = ww * g[:, k]
+            dn_da = np.bincount(cls, weights=gk * dy_da, minlength=N_CLASSES)
+            dn_db = np.bincount(cls, weights=gk, minlength=N_CLASSES) * dy_db
+            drho = -rho / a[k]
+            for p, (dn, dr) in enumerate(((dn_da, drho), (dn_db, 0.0))):
+                num = (dr * n_c + rho * dn) * den - rho * n_c * (dr * s_c)
+                dd = np.where(present & (den > 0), 2 * num / (safe * safe), 0.0)
+                grad[k + 3 * p] = -float(dd.sum()) / n_present
+        mean_dice = float(dice.sum()) / n_present
+        return 1.0 - mean_dice, grad, mean_dice
+
+    return loss_grad, h
+
+
+def _descent(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Dice descent of (a, b): atlas = t0 + (q - h*b)/a. Returns (scale, translation, dice, iterations)."""
+    loss_grad, h = _objective(scan, atlas, o, t0)
+    a, b = np.ones(3), np.zeros(3)
+    step, halvings, prev = STEP, 0, None
+    best = (np.inf, a.copy(), b.copy(), 0.0)
+    it = 0
+    for it in range(1, MAX_ITER + 1):
+        loss, grad, dice = loss_grad(a, b)
+        if loss < best[0]:
+            best = (loss, a.copy(), b.copy(), dice)
+        if prev is not None and prev - loss < MIN_IMPROVEMENT:
+            step *= 0.5
+            halvings += 1
+            if halvings >= N_HALVINGS:
+                break
+        a = np.clip(a - step * grad[:3], 0.5, 2.0)
+        b = b - step * grad[3:]
+        prev = loss
+    _, a, b, dice = best
+    scale = 1.0 / a
+    translation = t0 - h * b / a
+    return scale, translation, dice, it
+
+
+# ---- public ----------------------------------------------------------------------------------
+def register(anatomy: Volume, atlas: Atlas, *, probabilities: np.ndarray | None = None,
+             orientation_search: bool = True) -> Registration:
+    """Register an anatomy label Volume (CTARR classes 0..19) to ``atlas``.
+
+    ``probabilities`` (optional, (20 or 19, *anatomy.shape)) makes landmarks and Dice soft.
+    ``orientation_search=False`` keeps the header orientation (used when building the atlas).
+    Raises ValueError when the segmentation holds none of the 19 anatomies.
+    """
+    scan = _scan_points(anatomy, probabilities)
+    if not np.any(scan.mass > 0):
+        raise ValueError("the anatomy segmentation contains none of the 19 anatomies")
+    wc = coverage_weights(scan.mass, atlas)
+    paper_rule = int(np.sum(wc > 0.25)) > 3
+    costs = _orientation_costs(scan, atlas, wc)
+    if orientation_search:
+        k_s, f_s, m_rot, m_z, reason, verified = _decide(costs)
+        k, flip = (k_s, f_s) if verified else (0, False)
+    else:
+        k_s, f_s, m_rot, m_z, reason, verified = 0, False, 0.0, 0.0, "orientation search disabled", False
+        k, flip = 0, False
+    o = orientation_matrix(k, flip)
+    t0 = costs[(k, flip)][0]
+    scale, translation, dice, iters = _descent(scan, atlas, o, t0)
+    # residual: weighted RMS over anatomies whose centre is reliable on all axes
+    x = (scan.com @ o.T) * scale + translation
+    full = np.all(_kinds(scan.trunc, o) == 0, axis=1) & (scan.mass > 0) & (atlas.mass > 0)
+    wres = wc * full
+    residual = float(np.sqrt(np.sum(wres * np.sum((x - atlas.com) ** 2, axis=1)) / wres.sum())) if wres.sum() > 0 else float("nan")
+    centre = tuple(float(v) for v in scan.grid.centre @ LPS_TO_FRAME)
+    return Registration(
+        rotation_k=int(k), z_flip=bool(flip), scale=tuple(float(v) for v in scale),  # type: ignore[arg-type]
+        translation=tuple(float(v) for v in translation), residual=residual, verified=bool(verified),  # type: ignore[arg-type]
+        reason=reason, centre=centre, dice=float(dice), iterations=int(iters),  # type: ignore[arg-type]
+        weights=tuple(float(v) for v in wc), rotation_margin_mm=float(m_rot), flip_margin_mm=float(m_z),
+        paper_rule=paper_rule, suggested=(int(k_s), bool(f_s)),
+    )
