@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dicomnode.config import Config
-from dicomnode.net.scp import StorageSCP
+from dicomnode.net.scp import StorageSCP, index_orphans
 from dicomnode.ops.logs import load_or_create_key, set_hash_key, setup_logging
 from dicomnode.series.assembly import CompletionMonitor
 from dicomnode.store.db import SqliteDatabase, sqlite_path
@@ -61,9 +61,10 @@ class Node:
         """
         self.cfg = cfg
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = SqliteDatabase(sqlite_path(cfg))
+        self.db = SqliteDatabase(sqlite_path(cfg), synchronous="NORMAL")
         self.spool = Spool(cfg.data_dir / "spool", quota_bytes=cfg.node.quota_bytes,
-                           min_free_bytes=cfg.node.min_free_bytes, used_bytes=self.db.total_bytes)
+                           min_free_bytes=cfg.node.min_free_bytes, used_bytes=self.db.total_bytes,
+                           fsync=cfg.node.fsync)
         self.services: list[RegisteredService] = []
         self._started: list[RegisteredService] = []
         self._lock = threading.Lock()
@@ -73,6 +74,9 @@ class Node:
 
     def _register_services(self) -> None:
         """Every service the node runs, in start order. Add new services here."""
+        from dicomnode.node_services import register_processing
+
+        register_processing(self)  # inference (local Triton), outbox sender, workers, status page, metrics
         self.add_service("completion", self.completion)
         self.add_service("scp", self.scp)
 
@@ -100,9 +104,11 @@ class Node:
         If a service fails to start, those already started are stopped and the error propagates.
         """
         removed = self.spool.clean_temp()
+        indexed = index_orphans(self.db, self.spool)
         requeued = self.db.requeue_stale_jobs()
-        if removed or requeued:
-            LOG.info("recovered after restart: %d temp file(s) removed, %d job(s) requeued", removed, requeued)
+        if removed or requeued or indexed:
+            LOG.info("recovered after restart: %d temp file(s) removed, %d spool file(s) re-indexed, "
+                     "%d job(s) requeued", removed, indexed, requeued)
         self.completion.check_once()
         for reg in list(self.services):
             try:

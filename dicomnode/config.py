@@ -35,6 +35,7 @@ class NodeConfig:
     network_timeout_s: float = 60.0
     quota_bytes: int = 0  # 0: no quota; spool size above which C-STORE answers 0xA700
     min_free_bytes: int = 512 * 1024 * 1024  # free disk kept in reserve
+    fsync: bool = True  # durable ingest (fsync file + directory before the ack); false only for benchmarks
     require_known_callers: bool = True  # reject calling AEs not in [[peers]] with may_send
     check_caller_host: bool = False  # also require the peer's host to match
     workers: int = 1  # concurrent pipeline runs

@@ -1,8 +1,12 @@
 """Durable node state behind a small interface: instances, series, jobs.
 
 :class:`Database` is the interface the rest of the node uses; :class:`SqliteDatabase` is the
-embedded implementation (one file under ``data_dir``, WAL mode, ``synchronous=FULL`` so a
-committed row survives power loss, not just kill -9). A PostgreSQL implementation would take jobs
+embedded implementation (one file under ``data_dir``, WAL mode). The node opens it with
+``synchronous=NORMAL``: a commit survives kill -9 of the process (it is in the OS page cache);
+after a power loss the last commits may be lost, and :func:`dicomnode.net.scp.index_orphans`
+re-derives instance rows at start from the fsync'd spool files, which are the durable record (a
+lost job or job state is re-created by completion; results use deterministic UIDs, so
+re-processing replaces). ``connect()`` defaults to FULL for stores that need it. A PostgreSQL implementation would take jobs
 with ``SELECT ... FOR UPDATE SKIP LOCKED`` where this one uses ``BEGIN IMMEDIATE``.
 
 Other stores (``store/outbox.py``) keep their own tables in the same file: open it with
@@ -332,6 +336,10 @@ class SqliteDatabase:
     def total_bytes(self) -> int:
         """Bytes of every instance held (for the spool quota)."""
         return int(self._conn().execute("SELECT COALESCE(SUM(bytes), 0) FROM series").fetchone()[0])
+
+    def instance_paths(self) -> set[str]:
+        """The spool paths of every instance held (for recovery)."""
+        return {r[0] for r in self._conn().execute("SELECT path FROM instances")}
 
     def delete_series(self, series_uid: str) -> list[str]:
         """Forget a series and its instances (retention); returns the spool paths to delete."""

@@ -122,7 +122,7 @@ class Spool:
                         n = os.write(fd, view)
                         view = view[n:]
                 if self._fsync:
-                    os.fsync(fd)
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
             if parent not in self._known_dirs:
@@ -158,6 +158,10 @@ class Spool:
             if self._fsync:
                 _fsync_dir(d.parent)
         self._known_dirs.add(parent)
+
+    def files(self) -> list[str]:
+        """Every instance file in the spool, spool-relative (for recovery after power loss)."""
+        return [str(p.relative_to(self.root)) for p in self.root.glob("*/*/*.dcm")]
 
     def delete(self, relative: str) -> None:
         """Remove an instance file (retention); missing files are ignored."""
