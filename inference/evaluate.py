@@ -1,0 +1,169 @@
+"""Evaluate the exported models on the real scans in ../shared/data: ``python -m inference.evaluate``.
+
+Runs each ``triton_models/<name>/1/model.onnx`` with onnxruntime on the whole volume (the same
+normalisation the node applies, from labels.json) and prints per-class Dice (and HD95 for body):
+
+* body: example_ct and example_ct_sm (CT) against a reference body mask made from the CT
+  (HU > -500, largest component, holes filled per slice: ``realdata.body_mask_ct``) - the file
+  ``example_seg_fast_body_seg.nii.gz`` is an organ label map, not a body mask; example_mr (MR)
+  against an intensity-threshold mask (plausibility only).
+* anatomy19: example_ct against TotalSegmentator's classes mapped to the 19 CTARR anatomies,
+  mean over the classes present in the reference.
+* liver: the anatomy19 liver channel, and the liver model on a liver crop (reference bounding box +
+  10 mm) at 1.5 mm when that model exists.
+
+Options: ``--models a,b`` (default: all present), ``--repo DIR``, ``--json FILE``.
+Exit code 0; 2 when ../shared/data is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from inference import realdata
+from inference.synth import ctarr_target, window_channels, zscore
+
+REPO = Path(__file__).resolve().parent.parent / "triton_models"
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks (1.0 when both are empty)."""
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
+
+
+def hd95(a: np.ndarray, b: np.ndarray, spacing: float) -> float:
+    """95th percentile symmetric surface distance in mm (inf when one mask is empty)."""
+    if not a.any() or not b.any():
+        return float("inf")
+    sa = a & ~ndi.binary_erosion(a); sb = b & ~ndi.binary_erosion(b)
+    da = ndi.distance_transform_edt(~sa, sampling=spacing); db = ndi.distance_transform_edt(~sb, sampling=spacing)
+    return float(np.percentile(np.concatenate([db[sa], da[sb]]), 95))
+
+
+class Model:
+    """An exported model (ONNX + manifest) run with onnxruntime on whole volumes."""
+
+    def __init__(self, folder: Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        from dicomnode.infer.models import load_manifest
+        self.manifest = load_manifest(folder / "labels.json")
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(folder / "1" / "model.onnx"), so, providers=["CPUExecutionProvider"])
+
+    def normalise(self, img: np.ndarray, modality: str) -> np.ndarray:
+        """(C, z, y, x) input as the node prepares it."""
+        m = self.manifest
+        if m.normalisation_for(modality) == "zscore":
+            return zscore(img)
+        return window_channels(img, m.windows)
+
+    def logits(self, img: np.ndarray, modality: str = "CT") -> tuple[np.ndarray, float]:
+        """(K, z, y, x) logits on the image grid and the seconds onnxruntime took."""
+        x = self.normalise(img, modality)
+        k = self.manifest.pad_multiple
+        pad = [(0, 0)] + [(0, (-s) % k) for s in x.shape[1:]]
+        xp = np.pad(x, pad, mode="edge")[None]
+        t = time.perf_counter()
+        y = self.sess.run(None, {self.manifest.input_name: xp})[0][0]
+        dt = time.perf_counter() - t
+        return y[:, :x.shape[1], :x.shape[2], :x.shape[3]], dt
+
+    def predict(self, img: np.ndarray, modality: str = "CT") -> tuple[np.ndarray, float]:
+        """Label map (argmax) and seconds."""
+        y, dt = self.logits(img, modality)
+        return np.argmax(y, 0).astype(np.int16), dt
+
+
+def largest_component(m: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a mask."""
+    lab, n = ndi.label(m, np.ones((3, 3, 3)))
+    if n <= 1:
+        return m
+    return lab == 1 + int(np.argmax(ndi.sum(m, lab, range(1, n + 1))))
+
+
+def eval_body(model: Model) -> dict:
+    """Body Dice/HD95 on the real CTs and plausibility on the MR."""
+    res: dict = {}
+    for name in ("example_ct", "example_ct_sm", "example_mr"):
+        s = realdata.load_scan(name)
+        pred, dt = model.predict(s.image, s.modality)
+        if s.modality == "CT":
+            ref = realdata.body_mask_ct(s.image)
+        else:
+            ref = realdata.fill_unlabelled_mr(np.zeros(s.image.shape, np.int16), s.image) > 0
+            ref |= s.labels > 0
+        p = pred == 1
+        res[name] = {"dice": round(dice(p, ref), 4), "hd95_mm": round(hd95(p, ref, 3.0), 2), "seconds": round(dt, 2)}
+    return res
+
+
+def eval_anatomy(model: Model) -> dict:
+    """Per-class Dice of anatomy19 on example_ct (classes present in the reference)."""
+    s = realdata.load_scan("example_ct")
+    ref = ctarr_target(np.where(s.labels >= realdata.IGNORE_OFFSET, 0, s.labels))
+    pred, dt = model.predict(s.image, "CT")
+    names = {l.value: l.name for l in model.manifest.labels}
+    per = {names[v]: round(dice(pred == v, ref == v), 4) for v in range(1, 20) if (ref == v).sum() >= 10}
+    absent_fp = {names[v]: int((pred == v).sum()) for v in range(1, 20) if (ref == v).sum() < 10 and (pred == v).sum()}
+    return {"example_ct": {"per_class": per, "mean": round(float(np.mean(list(per.values()))), 4),
+                           "false_positive_voxels_absent_classes": absent_fp, "seconds": round(dt, 2)}}
+
+
+def eval_liver(model: Model) -> dict:
+    """Liver model on a crop around the reference liver (+10 mm) resampled to its spacing."""
+    s = realdata.load_scan("example_ct")
+    liver = s.labels == realdata.L["liver"]
+    idx = np.argwhere(liver)
+    lo = np.maximum(idx.min(0) - 4, 0); hi = np.minimum(idx.max(0) + 5, liver.shape)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    f = 3.0 / model.manifest.spacing_mm[0]
+    img = ndi.zoom(s.image[sl], f, order=1)
+    pred, dt = model.predict(img, "CT")
+    p = ndi.zoom((pred == 1).astype(np.uint8), [a / b for a, b in zip(liver[sl].shape, pred.shape)], order=0) > 0
+    p = largest_component(p) if p.any() else p
+    return {"example_ct": {"dice": round(dice(p, liver[sl]), 4), "seconds": round(dt, 2), "crop_shape": list(img.shape)}}
+
+
+EVALS = {"body": eval_body, "anatomy19": eval_anatomy, "liver": eval_liver}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI; see module docstring."""
+    ap = argparse.ArgumentParser(prog="python -m inference.evaluate")
+    ap.add_argument("--models", default="")
+    ap.add_argument("--repo", type=Path, default=REPO)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args(argv)
+    if not realdata.TS.exists():
+        print(f"shared data not found at {realdata.DATA}", file=sys.stderr)
+        return 2
+    names = [n for n in (a.models.split(",") if a.models else EVALS) if (a.repo / n / "1" / "model.onnx").exists()]
+    out: dict = {}
+    for n in names:
+        model = Model(a.repo / n, a.threads)
+        if model.manifest.extra.get("method") == "classical":
+            print(f"{n}: classical placeholder (not trained)")
+        out[n] = {"version": model.manifest.version, **EVALS[n](model)}
+        if n == "anatomy19":
+            out[n]["liver_channel_dice"] = out[n]["example_ct"]["per_class"].get("liver")
+        print(f"== {n} {model.manifest.version}")
+        print(json.dumps(out[n], indent=1))
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

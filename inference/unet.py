@@ -1,0 +1,74 @@
+"""A compact 3D U-Net family (CPU-sized) and its ONNX export.
+
+``UNet3D(in_ch, n_classes, base=12, stages=4)``: per stage two 3x3x3 conv + InstanceNorm + LeakyReLU,
+stride-2 conv downsampling, transposed-conv upsampling, skip connections by concatenation.
+Channels double per stage up to ``max_ch``. Input sizes must be divisible by ``2**(stages-1)``
+(the node's client pads to ``pad_multiple``). Output: logits [N, K, Z, Y, X].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, inplace=True),
+        nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, inplace=True),
+    )
+
+
+class UNet3D(nn.Module):
+    """3D U-Net; see module docstring."""
+
+    def __init__(self, in_ch: int, n_classes: int, base: int = 12, stages: int = 4, max_ch: int = 128) -> None:
+        super().__init__()
+        ch = [min(base * 2 ** i, max_ch) for i in range(stages)]
+        self.stages = stages
+        self.enc = nn.ModuleList([_block(in_ch, ch[0])])
+        self.down = nn.ModuleList()
+        for i in range(1, stages):
+            self.down.append(nn.Sequential(nn.Conv3d(ch[i - 1], ch[i - 1], 2, stride=2, bias=False),
+                                           nn.InstanceNorm3d(ch[i - 1], affine=True), nn.LeakyReLU(0.01, inplace=True)))
+            self.enc.append(_block(ch[i - 1], ch[i]))
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in range(stages - 1, 0, -1):
+            self.up.append(nn.ConvTranspose3d(ch[i], ch[i - 1], 2, stride=2))
+            self.dec.append(_block(2 * ch[i - 1], ch[i - 1]))
+        self.head = nn.Conv3d(ch[0], n_classes, 1)
+
+    @property
+    def pad_multiple(self) -> int:
+        """Every spatial input dimension must be a multiple of this."""
+        return 2 ** (self.stages - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        skips = []
+        h = self.enc[0](x)
+        for i in range(1, self.stages):
+            skips.append(h)
+            h = self.enc[i](self.down[i - 1](h))
+        for up, dec in zip(self.up, self.dec):
+            h = dec(torch.cat([up(h), skips.pop()], 1))
+        return self.head(h)
+
+
+def n_params(net: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def export_onnx(net: nn.Module, in_ch: int, path: Path, side: int = 32) -> bytes:
+    """Export to ONNX (opset 17; INPUT [N,C,Z,Y,X] -> OUTPUT [N,K,Z,Y,X], dynamic N/Z/Y/X); returns the bytes."""
+    net = net.eval()
+    x = torch.zeros(1, in_ch, side, side, side)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes = {0: "N", 2: "Z", 3: "Y", 4: "X"}
+    with torch.no_grad():
+        torch.onnx.export(net, (x,), str(path), input_names=["INPUT"], output_names=["OUTPUT"],
+                          dynamic_axes={"INPUT": axes, "OUTPUT": axes}, opset_version=17, dynamo=False)
+    return path.read_bytes()
