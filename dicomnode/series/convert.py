@@ -13,7 +13,7 @@ unsupported_photometric, unsupported_pixel_format, inconsistent_pixel_format, tr
 decode_failed, missing_position, missing_orientation, missing_pixel_spacing, invalid_orientation,
 invalid_pixel_spacing, invalid_dimensions, inconsistent_dimensions, mixed_modalities, mixed_series,
 mixed_frame_of_reference, duplicate_positions, multiple_stacks, gap, tilt, nonuniform, too_large,
-not_3d (NIfTI).
+invalid_rescale, unsupported_multiframe, inconsistent_frames, not_3d (NIfTI).
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ COMPRESSED_SYNTAXES = frozenset({
 #: Every transfer syntax the converter decodes (the SCP may accept exactly these).
 SUPPORTED_TRANSFER_SYNTAXES = frozenset(NATIVE_SYNTAXES) | COMPRESSED_SYNTAXES
 _PIXEL_DATA = 0x7FE00010
+MAX_MATRIX = 8192  # rows/columns beyond this are refused (a CT/MR frame is at most 1024)
 _DEFER = 8192
 
 
@@ -135,18 +136,18 @@ def _opt_float(v: object) -> float | None:
     return f if np.isfinite(f) else None
 
 
-def _parse_file(path: Path) -> list[_Frame]:
+def _parse_file(path: Path, max_voxels: int) -> list[_Frame]:
     """Frames described by one file. Raises SeriesError for anything unusable."""
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER, force=True)
-        return _frames_of(ds, path)
+        return _frames_of(ds, path, max_voxels)
     except SeriesError:
         raise
     except Exception as exc:
         raise SeriesError("unreadable_file", kind="inconsistent", detail=type(exc).__name__) from exc
 
 
-def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
+def _frames_of(ds: Dataset, path: Path, max_voxels: int) -> list[_Frame]:
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not syntax:
@@ -162,8 +163,10 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
         raise SeriesError("unsupported_photometric", kind="unsupported", detail="only grayscale images")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if rows <= 0 or cols <= 0 or n_frames <= 0 or rows > 65535 or cols > 65535:
+    if rows <= 0 or cols <= 0 or n_frames <= 0 or rows > MAX_MATRIX or cols > MAX_MATRIX:
         raise SeriesError("invalid_dimensions", kind="inconsistent")
+    if rows * cols * n_frames > max_voxels:
+        raise SeriesError("too_large", kind="unsupported")
     bits = int(ds.get("BitsAllocated", 0) or 0)
     stored = int(ds.get("BitsStored", bits) or bits)
     if bits not in (8, 16, 32) or not 1 <= stored <= bits:
@@ -189,6 +192,8 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     enhanced = per_frame is not None or shared is not None
+    if per_frame is not None and len(per_frame) != n_frames:
+        raise SeriesError("inconsistent_frames", kind="inconsistent", detail="per-frame groups do not match NumberOfFrames")
     frames = []
     for i in range(n_frames):
         if enhanced:
@@ -363,6 +368,10 @@ def _decode(stack: list[_Frame], shape: tuple[int, int, int]) -> np.ndarray:
         raise
     except Exception as exc:
         raise SeriesError("decode_failed", kind="inconsistent", detail=type(exc).__name__) from exc
+    except BaseException as exc:  # Rust decoders (pylibjpeg-rle) panic with pyo3's PanicException
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise SeriesError("decode_failed", kind="inconsistent", detail="decoder panic") from exc
     if big_endian:
         out.byteswap(inplace=True)
     if stored < bits and all(f.offset is not None for f in stack):
@@ -457,12 +466,12 @@ def _volume_of(stack: list[_Frame], policy: GeometryConfig, n_stacks: int, warni
     )
 
 
-def _frames(paths: Sequence[Path]) -> list[_Frame]:
+def _frames(paths: Sequence[Path], max_voxels: int) -> list[_Frame]:
     if not paths:
         raise SeriesError("empty_series", kind="inconsistent")
     frames: list[_Frame] = []
     for p in paths:
-        frames.extend(_parse_file(Path(p)))
+        frames.extend(_parse_file(Path(p), max_voxels))
     _check_series(frames)
     return frames
 
@@ -470,7 +479,7 @@ def _frames(paths: Sequence[Path]) -> list[_Frame]:
 def read_stacks(paths: Sequence[Path], policy: GeometryConfig | None = None) -> list[Volume]:
     """Every stack in the files (largest first), each a Volume; raises SeriesError on any problem."""
     policy = policy or GeometryConfig()
-    stacks = sorted(_split(_frames(paths), policy), key=len, reverse=True)
+    stacks = sorted(_split(_frames(paths, policy.max_voxels), policy), key=len, reverse=True)
     return [_volume_of(s, policy, len(stacks), ()) for s in stacks]
 
 
@@ -481,7 +490,7 @@ def read_series(paths: Sequence[Path], policy: GeometryConfig | None = None) -> 
     "largest", in which case the largest is returned and the report's warnings name the others.
     """
     policy = policy or GeometryConfig()
-    stacks = sorted(_split(_frames(paths), policy), key=len, reverse=True)
+    stacks = sorted(_split(_frames(paths, policy.max_voxels), policy), key=len, reverse=True)
     if len(stacks) > 1:
         desc = ",".join(_describe(s) for s in stacks)
         if policy.multiple_stacks != "largest":

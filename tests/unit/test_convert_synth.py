@@ -177,7 +177,7 @@ def make_stack(
 ) -> Stack:
     """Write a stack into ``folder``; returns what was written (in ascending slice order)."""
     folder.mkdir(parents=True, exist_ok=True)
-    o = np.asarray(orientation, dtype=np.float64)
+    o = np.round(np.asarray(orientation, dtype=np.float64), 10)  # DS values stay within 16 characters
     row, col = o[:3], o[3:]
     normal = np.cross(row, col)
     d = np.arange(n) * slice_spacing if depths is None else np.asarray(depths, dtype=np.float64)
@@ -269,4 +269,7 @@ def file_values(ds: Dataset, index: int | None = None) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
     arr = pixel_array(ds, index=index).astype(np.float64)
-    return arr * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    src = ds
+    if "SharedFunctionalGroupsSequence" in ds:  # Enhanced: rescale lives in the functional groups
+        src = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    return arr * float(src.get("RescaleSlope", 1)) + float(src.get("RescaleIntercept", 0))
