@@ -127,6 +127,9 @@ def parse_header(part10: bytes, *, sop_class: str, sop_instance: str) -> dict[st
     }
 
 
+_ACCEPTED_TS = frozenset(dimse.ACCEPTED_TRANSFER_SYNTAXES)
+
+
 class _NodeACSE(ACSE):
     """ACSE that applies the node's allow-list (calling AE + host) before negotiating."""
 
@@ -143,6 +146,13 @@ class _NodeACSE(ACSE):
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
             return
+        # Take the requestor's first transfer syntax that the node accepts (pynetdicom would take
+        # the acceptor's first): a sender with RLE/JPEG files then sends them as they are, and the
+        # node stores the bytes as received instead of forcing a decompression.
+        for cx in getattr(rq, "presentation_context_definition_list", []) or []:
+            first = next((ts for ts in cx.transfer_syntax if str(ts) in _ACCEPTED_TS), None)
+            if first is not None:
+                cx.transfer_syntax = [first]
         super()._negotiate_as_acceptor()
 
 
