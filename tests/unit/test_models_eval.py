@@ -1,0 +1,80 @@
+"""The exported (trained) models in triton_models/, run in onnxruntime on real and constructed inputs.
+
+Includes the failure mode the foreground seed paper names: a large field of view with an
+artificial boundary between air and a constant-valued region must not become foreground.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+REPO = ROOT / "triton_models"
+
+
+def _model(name: str):
+    from inference.evaluate import Model
+    folder = REPO / name
+    if not (folder / "1" / "model.onnx").exists():
+        pytest.skip(f"{name} is not exported in triton_models/")
+    m = Model(folder, threads=1)
+    if m.manifest.extra.get("method") == "classical":
+        pytest.skip(f"{name} is the classical placeholder, not the trained model")
+    return m
+
+
+def test_onnx_sizes_and_manifests() -> None:
+    from dicomnode.infer.models import load_manifest
+    found = 0
+    for name in ("anatomy19", "body", "liver", "face_area"):
+        f = REPO / name / "1" / "model.onnx"
+        if f.exists():
+            found += 1
+            assert f.stat().st_size < 25 * 2**20
+            m = load_manifest(REPO / name / "labels.json")
+            assert m.pad_multiple >= 1 and m.output_kind in ("logits", "probabilities")
+    if not found:
+        pytest.skip("no model exported")
+
+
+def test_body_constant_region_is_not_foreground(shared_data: Path) -> None:
+    from inference import realdata
+    model = _model("body")
+    s = realdata.load_scan("example_ct_sm")
+    ref = realdata.body_mask_ct(s.image)
+    z, y, x = s.image.shape
+    big = np.full((z, y + 96, x + 96), -1000.0, np.float32)
+    big += np.random.default_rng(0).normal(0, 15, big.shape).astype(np.float32)  # air with noise
+    big[:, 48:48 + y, 48:48 + x] = s.image
+    big[:, :, x + 72:] = 0.0           # a constant-valued region (0 HU) beside real air
+    big[:, y + 80:, :] = -2048.0       # and a constant padding region below
+    pred, _ = model.predict(big, "CT")
+    assert (pred[:, :, x + 74:] == 1).mean() < 0.01
+    assert (pred[:, y + 82:, :] == 1).mean() < 0.01
+    core = pred[:, 48:48 + y, 48:48 + x] == 1
+    d = 2 * (core & ref).sum() / (core.sum() + ref.sum())
+    assert d > 0.9
+
+
+def test_body_on_mr_is_plausible(shared_data: Path) -> None:
+    from inference import realdata
+    model = _model("body")
+    s = realdata.load_scan("example_mr")
+    pred, _ = model.predict(s.image, "MR")
+    organs = (s.labels > 0) & (s.labels < 20)
+    assert (pred[organs] == 1).mean() > 0.9  # labelled organs are inside the body
+    assert 0.1 < (pred == 1).mean() < 0.9
+
+
+def test_anatomy19_left_right_on_real_ct(shared_data: Path) -> None:
+    from inference import realdata
+    model = _model("anatomy19")
+    s = realdata.load_scan("example_ct")
+    pred, _ = model.predict(s.image, "CT")
+    col = lambda v: np.argwhere(pred == v)[:, 2].mean()  # noqa: E731  columns run right -> left
+    for left, right in ((17, 18), (9, 10)):
+        assert (pred == left).sum() > 50 and (pred == right).sum() > 50
+        assert col(left) > col(right)
+    assert (pred == 15).sum() > 500 and col(15) < pred.shape[2] / 2  # liver on the patient's right
