@@ -384,29 +384,44 @@ def _objective(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray) -> tupl
     return loss_grad, h
 
 
+def descend(loss_grad: Any, x0: np.ndarray, *, step: float = STEP, min_improvement: float = MIN_IMPROVEMENT,
+            n_halvings: int = N_HALVINGS, max_iter: int = MAX_ITER, lower: np.ndarray | None = None,
+            upper: np.ndarray | None = None) -> tuple[np.ndarray, float, int]:
+    """Plain gradient descent with the paper's schedule; returns (best x, its loss, evaluations).
+
+    ``loss_grad(x) -> (loss, grad)``. The step is halved every time the loss improved by less than
+    ``min_improvement`` since the previous evaluation; the descent stops at the ``n_halvings``-th
+    halving (or after ``max_iter`` evaluations). The best point seen is returned.
+    """
+    x = np.asarray(x0, np.float64).copy()
+    best_x, best_loss = x.copy(), np.inf
+    prev: float | None = None
+    halvings, it = 0, 0
+    for it in range(1, max_iter + 1):
+        loss, grad = loss_grad(x)
+        if loss < best_loss:
+            best_x, best_loss = x.copy(), float(loss)
+        if prev is not None and prev - loss < min_improvement:
+            step *= 0.5
+            halvings += 1
+            if halvings >= n_halvings:
+                break
+        x = x - step * np.asarray(grad)
+        if lower is not None or upper is not None:
+            x = np.clip(x, lower, upper)
+        prev = float(loss)
+    return best_x, best_loss, it
+
+
 def _descent(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int]:
     """Dice descent of (a, b): atlas = t0 + (q - h*b)/a. Returns (scale, translation, dice, iterations)."""
     loss_grad, h = _objective(scan, atlas, o, t0)
-    a, b = np.ones(3), np.zeros(3)
-    step, halvings, prev = STEP, 0, None
-    best = (np.inf, a.copy(), b.copy(), 0.0)
-    it = 0
-    for it in range(1, MAX_ITER + 1):
-        loss, grad, dice = loss_grad(a, b)
-        if loss < best[0]:
-            best = (loss, a.copy(), b.copy(), dice)
-        if prev is not None and prev - loss < MIN_IMPROVEMENT:
-            step *= 0.5
-            halvings += 1
-            if halvings >= N_HALVINGS:
-                break
-        a = np.clip(a - step * grad[:3], 0.5, 2.0)
-        b = b - step * grad[3:]
-        prev = loss
-    _, a, b, dice = best
-    scale = 1.0 / a
-    translation = t0 - h * b / a
-    return scale, translation, dice, it
+    lo = np.array([0.5, 0.5, 0.5, -np.inf, -np.inf, -np.inf])
+    hi = np.array([2.0, 2.0, 2.0, np.inf, np.inf, np.inf])
+    x0 = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    x, loss, it = descend(lambda v: loss_grad(v[:3], v[3:])[:2], x0, lower=lo, upper=hi)
+    a, b = x[:3], x[3:]
+    return 1.0 / a, t0 - h * b / a, 1.0 - loss, it
 
 
 # ---- public ----------------------------------------------------------------------------------
@@ -446,3 +461,55 @@ def register(anatomy: Volume, atlas: Atlas, *, probabilities: np.ndarray | None 
         weights=tuple(float(v) for v in wc), rotation_margin_mm=float(m_rot), flip_margin_mm=float(m_z),
         paper_rule=paper_rule, suggested=(int(k_s), bool(f_s)),
     )
+
+
+# ---- orientation correction ------------------------------------------------------------------
+def correction_matrix(registration: Registration) -> np.ndarray:
+    """4x4 LPS -> LPS map taking where the header puts a voxel to where the anatomy really is."""
+    m = LPS_TO_FRAME.T @ registration.matrix @ LPS_TO_FRAME
+    c = np.asarray(registration.centre, np.float64)
+    out = np.eye(4)
+    out[:3, :3] = m
+    out[:3, 3] = c - m @ c
+    return out
+
+
+def apply_orientation(volume: Volume, registration: Registration) -> Volume:
+    """``volume`` in the anatomically correct orientation (no interpolation).
+
+    The affine is corrected so it states where the voxels really are (rotation about the anatomy
+    grid centre), then the array axes are permuted/flipped so the axis directions match the
+    original ones again (slices stay slices). ``source_affine`` moves with the correction, so
+    ``to_source_grid`` still lands results on the original pixel grid; ``source`` frames follow
+    the slice axis (reversed for a z flip). Returns ``volume`` unchanged when no correction is due.
+    """
+    if not registration.reoriented:
+        return volume
+    corr = correction_matrix(registration)
+    aff = corr @ volume.affine
+    target = volume.direction
+    d = aff[:3, :3] / np.linalg.norm(aff[:3, :3], axis=0)
+    dots = target.T @ d  # [old axis j, new-affine axis i]
+    perm = [int(np.argmax(np.abs(dots[j]))) for j in range(3)]
+    if sorted(perm) != [0, 1, 2]:
+        raise ValueError("orientation correction does not map the grid axes onto each other")
+    arr = np.asarray(volume.array).transpose(perm)
+    new = np.eye(4)
+    new[:3, :3] = aff[:3, :3][:, perm]
+    new[:3, 3] = aff[:3, 3]
+    shape = arr.shape
+    flips = [j for j in range(3) if dots[j, perm[j]] < 0]
+    for j in flips:
+        new[:3, 3] = new[:3, 3] + new[:3, j] * (shape[j] - 1)
+        new[:3, j] = -new[:3, j]
+    if flips:
+        arr = np.flip(arr, axis=tuple(flips))
+    source = volume.source
+    if source and perm[0] == 0 and len(source) == shape[0]:
+        source = tuple(reversed(source)) if 0 in flips else source
+    elif source:
+        source = ()
+    geometry = dataclasses.replace(volume.geometry, actions=volume.geometry.actions + ("reoriented:anatomy",))
+    src_aff = corr @ volume.source_affine if volume.source_affine is not None else None
+    return dataclasses.replace(volume, array=np.ascontiguousarray(arr), affine=new, source=source, geometry=geometry,
+                               source_affine=src_aff, source_shape=volume.source_shape)

@@ -40,14 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--png", required=True)
 
 
-def _phantom_maps(n: int) -> list[Volume]:
+def _phantom_maps(n: int, seed0: int = 0) -> list[Volume]:
+    """``n`` whole-body phantom label maps (CTARR classes only), seeds ``seed0``.. ."""
     try:
         from inference.phantom import generate_phantom
     except ImportError:
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
         from inference.phantom import generate_phantom
     maps = []
-    for seed in range(n):
+    for seed in range(seed0, seed0 + n):
         lab, aff = generate_phantom(seed, fov="whole", spacing_mm=3.0)
         maps.append(Volume(np.where(lab <= N_CLASSES, lab, 0).astype(np.int16), aff))
     return maps
