@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,25 @@ log = logging.getLogger(__name__)
 class InferenceService:
     """The inference client for the pipeline; owns the local Triton server when configured.
 
-    ``segment`` / ``segment_native`` / ``manifest`` delegate to the client once started; before
-    that (or after a failed start) they raise TransientError so jobs are retried, not lost.
+    tritonclient's HTTP connection (geventhttpclient) is bound to the thread that made it, so
+    every worker thread gets its own :class:`InferenceClient` (each with its own shared-memory
+    regions). ``segment`` / ``segment_native`` delegate to the calling thread's client; before
+    ``start`` (or after a failed one) they raise TransientError so jobs are retried, not lost.
     """
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.server: Any = None
-        self.client: Any = None
         self.url = ""
+        self._local = threading.local()
+        self._clients: list[Any] = []
+        self._lock = threading.Lock()
+        self._started = False
+
+    def _new_client(self) -> Any:
+        from dicomnode.infer.client import InferenceClient
+
+        return InferenceClient.from_config(self.cfg.triton, self.url)
 
     def start(self) -> None:
         """Check the model repository, start local Triton if needed, connect, check contracts.
@@ -46,39 +57,52 @@ class InferenceService:
         Raises ModelContractError (a configured model is missing or disagrees with its manifest)
         and whatever LocalTriton raises when the server cannot start.
         """
-        from dicomnode.infer.client import InferenceClient
-
         models = check_model_repository(self.cfg)
         t = self.cfg.triton
         if t.url == "local":
-            from dicomnode.infer.server import LocalTriton
+            from dicomnode.infer.server import local_server_from_config
 
-            self.server = LocalTriton(self.cfg.resource(t.models_dir), self.cfg.path(t.venv_dir),
-                                      http_port=t.http_port, grpc_port=t.grpc_port)
+            self.server = local_server_from_config(self.cfg)
             self.server.start()
             self.url = self.server.grpc_url if t.protocol == "grpc" else self.server.http_url
         else:
             self.url = t.url
-        self.client = InferenceClient.from_config(t, self.url)
-        self.client.check_contract(list(models))
+        try:
+            probe = self._new_client()
+            try:
+                probe.check_contract(list(models))
+            finally:
+                probe.close()
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
         log.info("inference ready (%s Triton, %d model(s))", "local" if self.server else "remote", len(models))
 
     def stop(self) -> None:
-        """Close the client and stop the local server (if this service started one)."""
-        client, self.client = self.client, None
-        if client is not None and hasattr(client, "close"):
+        """Close the clients and stop the local server (if this service started one)."""
+        self._started = False
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
             try:
                 client.close()
-            except Exception:  # noqa: BLE001 - shutting down
-                log.exception("closing the inference client failed")
+            except Exception:  # noqa: BLE001 - shutting down; a client of another thread may refuse
+                log.debug("closing an inference client failed", exc_info=True)
         if self.server is not None:
             self.server.stop()
             self.server = None
 
     def _ready(self) -> Any:
-        if self.client is None:
+        if not self._started:
             raise TransientError("inference not started")
-        return self.client
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._new_client()
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
 
     def segment(self, volume: Any, model: str) -> Any:
         """See ``InferenceClient.segment``."""
@@ -176,6 +200,9 @@ class NodeSink:
 
         Raises TransientError when the outbox cannot take the objects now (the job is retried).
         """
+        dests = {d for obj in objects for d in result_destinations(self.cfg, obj.destinations)}
+        if dests and self.outbox is None:
+            raise TransientError("results have destinations but the node has no outbox")
         if self.folder is not None:
             try:
                 write_results(self.folder / series_key(job.series_instance_uid), objects, summary)
@@ -235,5 +262,51 @@ def build_context(cfg: Config, client: Any, source: Any, sink: Any, progress: An
 __all__ = [
     "InferenceService", "SpoolSource", "DirectorySource", "FolderSink", "NodeSink", "MetricsServer",
     "write_results", "results_folder", "result_destinations", "load_anatomy", "build_context",
-    "required_models",
+    "required_models", "register_processing",
 ]
+
+
+def register_processing(node: Any) -> None:
+    """Register the processing services on an ``app.Node`` (call first in ``_register_services``).
+
+    Start order: inference (local Triton, contract check) -> outbox sender -> workers -> status
+    page -> metrics; ``Node.stop`` runs them in reverse, so workers finish (or park) their jobs
+    while inference is still up. Raises ModelContractError when a configured model or region is
+    missing, ImportError when a peer receives results but the outbox is not available.
+    """
+    from dicomnode.ops.metrics import NodeMetrics
+    from dicomnode.ops.web import StatusServer
+
+    cfg = node.cfg
+    metrics = NodeMetrics()
+    pool = None
+    if not cfg.pipelines:
+        log.warning("no [[pipelines]] configured: the node stores series but processes none")
+    else:
+        pool = _register_pipeline(node, cfg, metrics)
+    node.metrics = metrics
+    metrics.watch_database(node.db, pool)
+    if cfg.web.enabled:
+        node.web = StatusServer(cfg, node.db, pool)
+        node.add_service("web", node.web)
+        node.add_service("metrics", MetricsServer(cfg, metrics))
+
+
+def _register_pipeline(node: Any, cfg: Config, metrics: Any) -> Any:
+    """Inference, outbox sender and workers; returns the worker pool."""
+    from dicomnode.worker import WorkerPool
+
+    inference = InferenceService(cfg)
+    node.add_service("inference", inference)
+    outbox = None
+    if any(p.receives_results for p in cfg.peers) or any(pl.destinations for pl in cfg.pipelines):
+        from dicomnode.store.outbox import Outbox, Sender
+
+        outbox = Outbox(cfg, node.db)
+        node.add_service("sender", Sender(cfg, outbox, metrics=metrics))
+    node.outbox = outbox
+    ctx = build_context(cfg, inference, SpoolSource(node.db, node.spool), NodeSink(cfg, outbox))
+    pool = WorkerPool(cfg, node.db, ctx, metrics=metrics)
+    node.add_service("workers", pool)
+    node.workers = pool
+    return pool

@@ -8,7 +8,7 @@ import sys
 import threading
 
 from dicomnode.config import load_config, with_overrides
-from dicomnode.errors import ConfigError
+from dicomnode.errors import ConfigError, ModelContractError
 
 LOG = logging.getLogger("dicomnode.serve")
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         node = Node(cfg)
         node.start()
-    except (OSError, ConfigError) as exc:
+    except (OSError, ConfigError, ModelContractError) as exc:
         LOG.error("node cannot start: %s", exc)
         return 2
     LOG.info("node %s running (data in %s)", cfg.node.ae_title, cfg.data_dir)
