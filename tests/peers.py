@@ -291,13 +291,20 @@ class NodeProcess:
                                 stderr=subprocess.STDOUT, env=peer_env(**(env or {})), cwd=str(config.parent))
         node = cls(proc, config, port, log, echo_calling, fh)
         if wait:
-            def ready() -> bool:
+            end = time.monotonic() + timeout
+            while True:
                 if proc.poll() is not None:
-                    raise RuntimeError("node exited")
-                return echo(port, calling=echo_calling) if echo_calling else _port_open(port)
-            if not wait_for(ready, timeout, 0.1):
-                node.stop()
-                raise RuntimeError(f"node did not come up on port {port}; log:\n{log.read_text()[-3000:]}")
+                    node.stop()
+                    raise RuntimeError(f"node exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
+                try:
+                    if echo(port, calling=echo_calling, timeout=2) if echo_calling else _port_open(port):
+                        break
+                except Exception:
+                    pass
+                if time.monotonic() > end:
+                    node.stop()
+                    raise RuntimeError(f"node did not come up on port {port}; log:\n{log.read_text()[-3000:]}")
+                time.sleep(0.1)
         return node
 
     def status(self) -> dict[str, Any]:
