@@ -126,7 +126,7 @@ class InferenceClient:
         retries: int = 3,
         models_dir: Path | None = None,
         *,
-        batch: int = 2,
+        batch: int = 1,
         backoff_s: float = 0.5,
     ) -> None:
         if protocol not in ("http", "grpc"):
@@ -286,8 +286,12 @@ class InferenceClient:
             raise ModelContractError("; ".join(problems))
 
     # ---- inference -------------------------------------------------------------------------
-    def infer(self, model: str, x: np.ndarray) -> np.ndarray:
-        """One request: ``x`` float32 [N, C, Z, Y, X] -> the model's output [N, K, Z, Y, X]."""
+    def infer(self, model: str, x: np.ndarray, *, copy: bool = True) -> np.ndarray:
+        """One request: ``x`` float32 [N, C, Z, Y, X] -> the model's output [N, K, Z, Y, X].
+
+        ``copy=False`` may return a read-only view of the shared-memory output region, valid only
+        until the next request (tiling consumes each output before sending the next).
+        """
         m = self.manifest(model)
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 5 or x.shape[1] != m.n_channels:
@@ -296,7 +300,7 @@ class InferenceClient:
         with self._lock:
             if self.want_shm and self._shm_ok is not False:
                 try:
-                    return self._call(f"infer {model}", lambda c: self._infer_shm(c, m, x, out_shape))
+                    return self._call(f"infer {model}", lambda c: self._infer_shm(c, m, x, out_shape, copy))
                 except _ShmUnavailable as exc:
                     log.warning("system shared memory unavailable (%s); using binary %s", exc, self.protocol)
                     self._shm_ok = False
@@ -327,7 +331,9 @@ class InferenceClient:
             raise ModelContractError(f"{m.name}: no output {m.output_name!r} in the response")
         return y
 
-    def _infer_shm(self, client: Any, m: ModelManifest, x: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    def _infer_shm(
+        self, client: Any, m: ModelManifest, x: np.ndarray, out_shape: tuple[int, ...], copy: bool
+    ) -> np.ndarray:
         import tritonclient.utils.shared_memory as shm
         from tritonclient.utils import InferenceServerException
 
@@ -351,10 +357,14 @@ class InferenceClient:
         out = mod.InferRequestedOutput(m.output_name)
         out.set_shared_memory(self._shm_out.name, out_bytes)
         client.infer(m.name, [inp], outputs=[out], **self._infer_kwargs())
-        return np.array(shm.get_contents_as_numpy(self._shm_out.handle, np.float32, out_shape), copy=True)
+        y = shm.get_contents_as_numpy(self._shm_out.handle, np.float32, out_shape)
+        if copy:
+            return np.array(y, copy=True)
+        y.flags.writeable = False
+        return y
 
     def _predict_fn(self, model: str) -> tiling.PredictFn:
-        return lambda xb: self.infer(model, xb)
+        return lambda xb: self.infer(model, xb, copy=False)
 
     def segment_native(self, volume: Volume, model: str, *, probabilities: bool = False) -> Prediction:
         """Labels on the model's canonical grid at its spacing (not mapped back).
@@ -378,8 +388,11 @@ class InferenceClient:
         Raises TransientError (server unavailable) or ModelContractError.
         """
         native = self.segment_native(volume, model)
-        back = resample(native.labels, volume.affine, volume.shape, order=0, cval=0)
-        return Prediction(labels=volume.with_array(np.ascontiguousarray(back.array)), manifest=native.manifest)
+        lab = native.labels
+        back = tiling.exact_regrid(np.asarray(lab.array), lab.affine, volume.affine, volume.shape, 0)
+        if back is None:
+            back = resample(lab, volume.affine, volume.shape, order=0, cval=0).array
+        return Prediction(labels=volume.with_array(np.ascontiguousarray(back)), manifest=native.manifest)
 
 
 class _ShmUnavailable(Exception):

@@ -186,6 +186,9 @@ class LocalTriton:
             "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false", "--strict-readiness=true", "--exit-on-error=false", "--exit-timeout-secs=8",
             f"--log-verbose={self.log_verbose}",
+            # python backend <-> stub transfers: start big enough for a 3 mm volume, grow in large steps
+            "--backend-config=python,shm-default-byte-size=33554432",
+            "--backend-config=python,shm-growth-byte-size=67108864",
         ]
         log.info("starting tritonserver on %s (gRPC %s), models %s", self.http_url, self.grpc_url, self.models_dir)
         with open(self.log_path, "ab") as out:

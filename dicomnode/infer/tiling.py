@@ -45,6 +45,44 @@ def canonical_grid(volume: Volume, spacing: tuple[float, float, float]) -> tuple
     return aff, shape  # type: ignore[return-value]
 
 
+def exact_regrid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                 dst_shape: tuple[int, int, int], fill: float) -> np.ndarray | None:
+    """``array`` moved onto the grid (dst_affine, dst_shape) without interpolation, or None.
+
+    Works when the destination voxel centres coincide with source voxel centres, i.e. when the
+    grids differ by axis permutations, flips and whole-voxel shifts (an axial scan already at the
+    model spacing, or labels mapped back onto it). Points outside the source get ``fill``.
+    """
+    m = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
+    rot, off = m[:3, :3], m[:3, 3]
+    r = np.rint(rot)
+    if not np.allclose(rot, r, atol=1e-4) or not np.allclose(off, np.rint(off), atol=1e-3):
+        return None
+    if sorted(np.abs(r).sum(axis=0).tolist()) != [1, 1, 1] or sorted(np.abs(r).sum(axis=1).tolist()) != [1, 1, 1]:
+        return None
+    off = np.rint(off).astype(int)
+    src_axis = [int(np.flatnonzero(r[:, a])[0]) for a in range(3)]  # dst axis a runs along src axis
+    sign = [int(r[src_axis[a], a]) for a in range(3)]
+    out = np.full(dst_shape, fill, dtype=array.dtype)
+    view = np.transpose(array, src_axis)  # axes now in dst order, still source direction/offset
+    dst_sl, src_sl = [], []
+    for a in range(3):
+        n_src, n_dst = array.shape[src_axis[a]], dst_shape[a]
+        # source index of dst index j: off[src_axis[a]] + sign[a] * j
+        o = off[src_axis[a]]
+        j = np.arange(n_dst)
+        idx = o + sign[a] * j
+        ok = (idx >= 0) & (idx < n_src)
+        if not ok.any():
+            return out
+        j0, j1 = int(j[ok][0]), int(j[ok][-1]) + 1
+        i0, i1 = int(idx[ok][0]), int(idx[ok][-1])
+        dst_sl.append(slice(j0, j1))
+        src_sl.append(slice(i0, i1 + 1) if sign[a] > 0 else slice(i0, (i1 - 1) if i1 > 0 else None, -1))
+    out[tuple(dst_sl)] = view[tuple(src_sl)]
+    return out
+
+
 def to_model_grid(volume: Volume, manifest: ModelManifest) -> Volume:
     """``volume`` linearly resampled onto the model's canonical grid (float32).
 
@@ -56,6 +94,9 @@ def to_model_grid(volume: Volume, manifest: ModelManifest) -> Volume:
 
     aff, shape = canonical_grid(volume, manifest.spacing_mm)
     fill = float(np.min(volume.array)) if volume.array.size else 0.0
+    fast = exact_regrid(np.asarray(volume.array, dtype=np.float32), volume.affine, aff, shape, fill)
+    if fast is not None:
+        return dataclasses.replace(volume, array=fast, affine=aff)
     m = np.linalg.inv(volume.affine) @ aff
     src = np.ascontiguousarray(volume.array, dtype=np.float32)
     out = ndimage.affine_transform(src, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=1,

@@ -147,3 +147,23 @@ def test_labels_map_back_to_the_same_anatomy_on_an_oblique_grid(pointwise) -> No
     bone = back == 2
     dice = 2 * np.sum(bone & inside) / (bone.sum() + inside.sum())
     assert dice > 0.9, dice
+
+
+def test_exact_regrid_equals_interpolating_resample_on_permuted_flipped_shifted_grids() -> None:
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 50, size=(6, 7, 8)).astype(np.float32)
+    src = Volume(arr, _ras_nifti_like(arr.shape, 2.0))
+    for trial in range(6):
+        perm = rng.permutation(3)
+        signs = rng.choice([-1.0, 1.0], size=3)
+        dst = np.eye(4)
+        dst[:3, :3] = src.affine[:3, :3][:, perm] * signs
+        dst[:3, 3] = src.index_to_lps(rng.integers(-2, 9, size=(1, 3)))[0]
+        shape = tuple(int(v) for v in rng.integers(3, 10, size=3))
+        fast = tiling.exact_regrid(arr, src.affine, dst, shape, -1.0)
+        assert fast is not None
+        slow = resample(src, dst, shape, order=0, cval=-1.0).array
+        np.testing.assert_array_equal(fast, slow)
+    half = src.affine.copy()
+    half[:3, 3] += src.affine[:3, 0] * 0.5  # half-voxel shift: needs interpolation
+    assert tiling.exact_regrid(arr, src.affine, half, arr.shape, 0.0) is None
