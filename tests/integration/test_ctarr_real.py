@@ -1,0 +1,210 @@
+"""CTARR on the real scans of ../shared/data: orientation (8 configurations), crops, region learning.
+
+Reference labels are TotalSegmentator outputs mapped to the 19 CTARR classes. Honesty notes:
+- the shipped atlas and regions were built/learned from 16 (atlas) / 12 (regions) phantoms PLUS the
+  example_ct label map, so cropping sensitivity on example_ct with the shipped regions is in-sample;
+  ``test_liver_learned_from_phantoms_only_holds_the_real_liver`` is the held-out check.
+- cta_aorta carries aorta/vessel labels and one vertebra (T12) only: it exercises "cannot tell".
+The anatomy19 model tests run when triton_models/anatomy19 exists and a local Triton can start.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicomnode.anatomy.atlas import CLASS_INDEX, N_CLASSES, load_atlas, load_totalseg_class_map, map_totalseg
+from dicomnode.anatomy.register import apply_orientation, register
+from dicomnode.anatomy.regions import box_voxels_inside, crop_region, learn_region, load_regions
+from dicomnode.series.convert import read_nifti
+from dicomnode.volume import Volume
+from tests.conftest import ROOT
+
+CONFIGS = [(k, f) for k in range(4) for f in (False, True)]
+ORGANS = {"liver": ("liver",), "spleen": ("spleen",), "kidneys": ("kidney_left", "kidney_right"),
+          "urinary_bladder": ("urinary_bladder",)}
+
+
+@pytest.fixture(scope="module")
+def atlas():
+    return load_atlas(ROOT / "config" / "atlas" / "atlas19.npz")
+
+
+@pytest.fixture(scope="module")
+def ts(shared_data: Path) -> Path:
+    return shared_data / "totalsegmentator"
+
+
+@pytest.fixture(scope="module")
+def class_map(ts: Path) -> dict[int, str]:
+    return load_totalseg_class_map(ts / "class_maps.json")
+
+
+def _labels(path: Path, class_map: dict[int, str]) -> tuple[Volume, Volume]:
+    raw = read_nifti(path, modality="SEG")
+    return raw, raw.with_array(map_totalseg(raw.array, class_map))
+
+
+def _same_up_to_turn(fixed: Volume, orig: Volume, moved: Volume) -> bool:
+    """Same array and axes as ``orig``, turned about the grid centre of ``moved``.
+
+    Under an unchanged header a rotated non-square array has its grid centre elsewhere: where the
+    patient really was is only known up to that translation, so the correction turns about it.
+    """
+    centre = lambda v: v.index_to_lps((np.asarray(v.shape) - 1) / 2.0)[0]  # noqa: E731
+    return (np.array_equal(fixed.array, orig.array) and np.allclose(fixed.affine[:3, :3], orig.affine[:3, :3], atol=1e-6)
+            and np.allclose(centre(fixed), centre(moved), atol=1e-6))
+
+
+def _rot(vol: Volume, k: int, flip: bool) -> Volume:
+    arr = np.rot90(np.asarray(vol.array), k, axes=(1, 2))
+    if flip:
+        arr = arr[::-1]
+    return Volume(np.ascontiguousarray(arr), vol.affine, modality=vol.modality)
+
+
+@pytest.mark.parametrize("seg_name", ["example_seg_fast_force_split.nii.gz", "example_seg.nii.gz"])
+def test_all_8_orientations_detected_with_reference_labels(atlas, ts, class_map, seg_name):
+    """example_ct (abdomen-pelvis) and example_ct_sm (30 slices): every configuration found and verified."""
+    _, lab = _labels(ts / seg_name, class_map)
+    for k, flip in CONFIGS:
+        moved = _rot(lab, k, flip)
+        reg = register(moved, atlas)
+        assert reg.verified, (k, flip, reg.reason)
+        fixed = apply_orientation(moved, reg)
+        assert _same_up_to_turn(fixed, lab, moved), (k, flip, reg.rotation_k, reg.z_flip)
+
+
+def test_ct_image_is_restored_by_the_correction(atlas, ts, class_map):
+    """The correction found on the labels, applied to the CT itself, gives back the original CT."""
+    ct = read_nifti(ts / "example_ct.nii.gz")
+    _, lab = _labels(ts / "example_seg_fast_force_split.nii.gz", class_map)
+    for k, flip in [(1, False), (2, True), (3, True)]:
+        reg = register(_rot(lab, k, flip), atlas)
+        fixed = apply_orientation(_rot(ct, k, flip), reg)
+        assert _same_up_to_turn(fixed, ct, _rot(ct, k, flip))
+
+
+def test_chest_crop_with_one_vertebra_cannot_tell(atlas, ts):
+    """cta_aorta: only T12 maps to a CTARR class -> header kept, verified False, with a reason."""
+    t12 = read_nifti(ts / "cta_aorta" / "vertebrae_T12.nii.gz", modality="SEG")
+    lab = t12.with_array((np.asarray(t12.array) > 0).astype(np.int16) * CLASS_INDEX["thoracic_vertebrae"])
+    for k, flip in CONFIGS:
+        reg = register(_rot(lab, k, flip), atlas)
+        assert not reg.verified and (reg.rotation_k, reg.z_flip) == (0, False)
+        assert "undecided" in reg.reason
+
+
+def test_crop_sensitivity_and_foreground_on_example_ct(atlas, ts, class_map):
+    """Shipped regions (in-sample for example_ct): >= 99 % of each organ inside its crop, fg fraction up."""
+    ct = read_nifti(ts / "example_ct.nii.gz")
+    raw, lab = _labels(ts / "example_seg_fast_force_split.nii.gz", class_map)
+    regions = load_regions(ROOT / "config" / "regions")
+    reg = register(lab, atlas)
+    by_name = {n: i for i, n in class_map.items()}
+    for region, names in ORGANS.items():
+        crop = crop_region(ct, reg, regions[region], lab)
+        mask = np.isin(np.asarray(raw.array), [by_name[n] for n in names])
+        assert box_voxels_inside(mask, crop.lower, crop.upper) >= 0.99, region
+        before = mask.mean()
+        sub = mask[crop.lower[0]:crop.upper[0], crop.lower[1]:crop.upper[1], crop.lower[2]:crop.upper[2]]
+        assert sub.mean() > 2 * before, region
+        assert np.array_equal(crop.volume.array, np.asarray(ct.array)[crop.lower[0]:crop.upper[0],
+                                                                        crop.lower[1]:crop.upper[1],
+                                                                        crop.lower[2]:crop.upper[2]])
+
+
+def test_liver_learned_from_phantoms_only_holds_the_real_liver(atlas, ts, class_map):
+    """Held-out: liver region learned from 8 phantoms (not example_ct) holds >= 99 % of example_ct's liver."""
+    from inference.phantom import generate_phantom
+
+    pairs = []
+    for seed in range(5000, 5008):
+        lab, aff = generate_phantom(seed)
+        v = Volume(np.where(lab <= N_CLASSES, lab, 0).astype(np.int16), aff)
+        pairs.append((v, v.with_array((lab == CLASS_INDEX["liver"]).astype(np.uint8))))
+    region, _ = learn_region(pairs, atlas, "liver")
+    ct = read_nifti(ts / "example_ct.nii.gz")
+    raw, lab = _labels(ts / "example_seg_fast_force_split.nii.gz", class_map)
+    crop = crop_region(ct, register(lab, atlas), region, lab)
+    liver_id = {n: i for i, n in class_map.items()}["liver"]
+    assert box_voxels_inside(np.asarray(raw.array) == liver_id, crop.lower, crop.upper) >= 0.99
+
+
+def test_registration_and_crop_time(atlas, ts, class_map):
+    """Registration + box mapping + crop of the 4 organs; generous bound (CI shares 2 cores)."""
+    ct = read_nifti(ts / "example_ct.nii.gz")
+    _, lab = _labels(ts / "example_seg_fast_force_split.nii.gz", class_map)
+    regions = load_regions(ROOT / "config" / "regions")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        reg = register(lab, atlas)
+        for name in ORGANS:
+            crop_region(ct, reg, regions[name], lab)
+        times.append(time.perf_counter() - t0)
+    assert min(times) < 2.0, times
+
+
+def test_regions_locate_command_json(ts):
+    """`dicomnode regions locate CT.nii.gz --labels ... --json`: boxes in NIfTI (i, j, k) order."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", "regions", "locate", str(ts / "example_ct.nii.gz"),
+         "--labels", str(ts / "example_seg_fast_force_split.nii.gz"), "--class-map", str(ts / "class_maps.json"),
+         "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    o = doc["orientation"]
+    assert o["rotation_quarter_turns"] == 0 and o["z_flipped"] is False and o["verified"] is True and o["reason"]
+    assert set(doc["seconds"]) == {"inference", "registration", "cropping"}
+    assert doc["qc"]["ok"] in (True, False) and "findings" in doc["qc"]
+    assert {"scale", "translation_mm"} <= set(doc["transform"])
+    import nibabel as nib
+
+    seg = np.asarray(nib.load(str(ts / "example_seg_fast_force_split.nii.gz")).dataobj)
+    liver = doc["regions"]["liver"]["union"]
+    lo, hi = liver["lower"], liver["upper"]
+    assert doc["input"]["shape"] == list(seg.shape)
+    inside = (seg[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == 5).sum()
+    assert inside / (seg == 5).sum() >= 0.99
+    for name in ("liver", "spleen", "kidneys", "urinary_bladder", "lungs", "heart", "brain", "spine"):
+        assert name in doc["regions"]
+
+
+# ---- with the anatomy19 model (Triton) -----------------------------------------------------------
+ANATOMY_MODEL = ROOT / "triton_models" / "anatomy19"
+
+
+@pytest.fixture(scope="module")
+def anatomy_client(request):
+    if not ANATOMY_MODEL.is_dir():
+        pytest.skip("the anatomy19 model is not in triton_models/ yet")
+    server = request.getfixturevalue("triton_server")
+    repo = request.getfixturevalue("triton_repo")
+    from dicomnode.infer.client import InferenceClient
+
+    with InferenceClient(server.http_url, models_dir=repo) as client:
+        yield client
+
+
+def test_orientation_with_the_anatomy19_model(atlas, ts, anatomy_client):
+    """example_ct with the model's segmentation: the 8 configurations found, or honestly undecided."""
+    ct = read_nifti(ts / "example_ct.nii.gz")
+    wrong = []
+    for k, flip in CONFIGS:
+        moved = _rot(ct, k, flip)
+        anatomy = anatomy_client.segment_native(moved, "anatomy19").labels
+        reg = register(anatomy, atlas)
+        if reg.verified:
+            fixed = apply_orientation(moved, reg)
+            if not _same_up_to_turn(fixed, ct, moved):
+                wrong.append((k, flip, reg.rotation_k, reg.z_flip))
+    assert not wrong, f"verified but wrong: {wrong}"
+
+
+from tests.triton_fixture import triton_repo, triton_server  # noqa: E402,F401  (fixtures for the model tests)
