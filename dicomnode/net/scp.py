@@ -176,6 +176,43 @@ def _fast_reactor(assoc: Any) -> None:
     assoc.dimse.get_msg = get_msg
 
 
+MAX_CONTROL_PDU = 1 << 20  # A-ASSOCIATE-RQ and friends: far above any real one (128 contexts)
+
+
+def _limit_pdus(assoc: Any, max_pdu: int) -> None:
+    """Refuse PDUs longer than we negotiated (P-DATA: ``max_pdu``; others: 1 MiB).
+
+    pynetdicom reads whatever length a peer announces; a hostile peer could make it buffer
+    gigabytes. An oversized PDU header closes the connection before its body is read.
+    The replacement also reads with ``recv_into`` (pynetdicom reads 4 KiB per ``recv``).
+    """
+    sock = assoc.dul.socket
+    limit_pdata = max_pdu if max_pdu > 0 else 0xFFFFFFFF
+
+    def guarded_recv(nr_bytes: int) -> bytearray:
+        # Same contract as AssociationSocket.recv (short read = connection broken), but one
+        # recv_into per kernel buffer instead of 4 KiB recv() + copy per call.
+        raw = sock.socket
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        while got < nr_bytes:
+            n = raw.recv_into(view[got:], nr_bytes - got)
+            if not n:
+                del view
+                return buf[:got]
+            got += n
+        del view
+        if nr_bytes == 6:
+            pdu_type, _, length = struct.unpack(">BBL", buf)
+            if length > (limit_pdata if pdu_type == 0x04 else MAX_CONTROL_PDU):
+                LOG.warning("PDU of %d bytes (type 0x%02X) over the limit: connection closed", length, pdu_type)
+                raise OSError("PDU too large")
+        return buf
+
+    sock.recv = guarded_recv
+
+
 class StorageSCP:
     """The node's DICOM listener. ``start()`` binds and serves in a thread; ``stop()`` closes it.
 
@@ -245,6 +282,7 @@ class StorageSCP:
                 assoc.acse = acse
                 assoc.dicomnode_id = uuid.uuid4().hex  # type: ignore[attr-defined]
                 _fast_reactor(assoc)
+                _limit_pdus(assoc, scp.cfg.node.max_pdu)
                 return assoc
 
         handlers = [
