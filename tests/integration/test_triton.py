@@ -189,3 +189,46 @@ def test_dicomnode_triton_command_starts_serves_and_stops_on_sigterm(tmp_path: P
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def test_shared_memory_falls_back_to_binary_http_when_it_cannot_be_set_up(
+    triton_server, triton_repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server on this host that cannot map our region (e.g. in a container): same results over the wire."""
+    import tritonclient.utils.shared_memory as shm
+
+    x = np.random.default_rng(5).uniform(0, 1, size=(1, 1, 16, 24, 24)).astype(np.float32)
+    with InferenceClient(triton_server.http_url, shared_memory="off", models_dir=triton_repo) as c:
+        wire = c.infer("pointwise3", x)
+
+    def refuse(*_a, **_k):
+        raise shm.SharedMemoryException("no /dev/shm here")
+
+    monkeypatch.setattr(shm, "create_shared_memory_region", refuse)
+    with InferenceClient(triton_server.http_url, shared_memory="auto", models_dir=triton_repo) as c:
+        np.testing.assert_array_equal(c.infer("pointwise3", x), wire)
+        assert not c.uses_shared_memory
+        np.testing.assert_array_equal(c.infer("pointwise3", x), wire)  # stays on the wire
+
+
+def test_client_survives_a_server_restart_and_registers_shared_memory_again(tmp_path: Path) -> None:
+    if not (VENV / "bin" / "python").exists():
+        pytest.skip(f"the Triton server venv {VENV} is absent: run scripts/setup.sh")
+    from dicomnode.infer.server import LocalTriton
+    from inference.triton_repo import write_model_dir
+    from tests.triton_fixture import pointwise_manifest, pointwise_onnx
+
+    repo = tmp_path / "models"
+    write_model_dir(repo, pointwise_manifest(), pointwise_onnx(), gpu_dir=None)
+    http, grpc = free_port(), free_port()
+    x = np.random.default_rng(6).uniform(0, 1, size=(1, 1, 16, 24, 24)).astype(np.float32)
+    with LocalTriton(repo, VENV, http, grpc) as srv:
+        client = InferenceClient(srv.http_url, models_dir=repo, retries=4, backoff_s=0.5)
+        first = client.infer("pointwise3", x)
+        assert client.uses_shared_memory
+    try:
+        with LocalTriton(repo, VENV, http, grpc):  # same ports, fresh server: no registrations
+            np.testing.assert_array_equal(client.infer("pointwise3", x), first)
+            assert client.uses_shared_memory
+    finally:
+        client.close()
