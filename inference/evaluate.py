@@ -78,8 +78,12 @@ class Model:
         dt = time.perf_counter() - t
         return y[:, :x.shape[1], :x.shape[2], :x.shape[3]], dt
 
-    def predict(self, img: np.ndarray, modality: str = "CT") -> tuple[np.ndarray, float]:
-        """Label map (argmax) and seconds."""
+    def predict(self, img: np.ndarray, modality: str = "CT", node_order: bool = True) -> tuple[np.ndarray, float]:
+        """Label map (argmax) and seconds. ``img`` is on the realdata grid (slices head -> feet);
+        with ``node_order`` it is fed feet -> head, the order of dicomnode.series.geometry.to_canonical."""
+        if node_order:
+            y, dt = self.logits(np.ascontiguousarray(img[::-1]), modality)
+            return np.ascontiguousarray(np.argmax(y, 0).astype(np.int16)[::-1]), dt
         y, dt = self.logits(img, modality)
         return np.argmax(y, 0).astype(np.int16), dt
 

@@ -103,7 +103,11 @@ def make_batch(spec: ModelSpec, pool: Pool, rng: np.random.Generator, real: Pool
     xs, ys = [], []
     for _ in range(spec.batch):
         use_real = real is not None and rng.random() < real_p
-        if spec.name == "body":
+        if spec.name == "face_area":
+            x, y = pool.sample(rng, spec.patch)  # type: ignore[attr-defined]
+            if rng.random() < 0.5:
+                x, y = x[:, ::-1].copy(), y[::-1].copy()
+        elif spec.name == "body":
             lab = sample_labels(pool, rng, spec.patch, fg_p=0.5, zoom=(0.8, 1.25))
             if rng.random() < 0.35:
                 lab = constant_region(lab, rng)
@@ -220,12 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     if spec.name == "liver":
         fovs = ("abdomen",)
     t0 = time.time()
-    pool = phantom_pool(a.pool, spec.spacing_mm, fovs, 1000 + a.seed * 10000 + step)
+    if spec.name == "face_area":
+        from inference.face import FacePool
+        pool = FacePool(a.pool, spec.spacing_mm, seed0=5000 + step)  # type: ignore[assignment]
+        fovs = ("head",)
+    else:
+        pool = phantom_pool(a.pool, spec.spacing_mm, fovs, 1000 + a.seed * 10000 + step)
     real = None
     if a.real:
         from inference.realdata import real_pool
         real = real_pool(a.real.split(","), spec.spacing_mm)
-    data_desc = f"{a.pool} phantoms ({','.join(sorted(set(fovs)))})" + (f" + real label maps {a.real} (p={a.real_p})" if a.real else "")
+    data_desc = ("2 real MR heads (brain1, brain2) + " if spec.name == "face_area" else "") + f"{a.pool} phantoms ({','.join(sorted(set(fovs)))})" + (f" + real label maps {a.real} (p={a.real_p})" if a.real else "")
     say(f"{spec.name}: {n_params(net)} parameters, pool {data_desc} built in {time.time() - t0:.1f}s, "
         f"steps {step}->{a.steps}, threads {a.threads}")
     rng = np.random.default_rng(a.seed * 7919 + step)

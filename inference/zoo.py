@@ -88,6 +88,13 @@ SPECS: dict[str, ModelSpec] = {
         by_modality={"MR": "zscore"}, modalities=("CT", "MR"), infer_patch=(128, 192, 192),
         description="body/foreground of CT and MR, 3D U-Net (8 base filters, 4 stages) trained on synthetic "
                     "CT and MR-like images from phantoms, with constant-valued regions outside the field of view"),
+    "face_area": ModelSpec(
+        name="face_area", in_ch=1,
+        labels=(_label(1, "face_area", "89545001", "Face structure", None, (230, 200, 60)),),
+        base=8, stages=4, patch=(48, 64, 64), batch=2, spacing_mm=3.0, windows=(), normalisation="zscore",
+        modalities=("MR", "CT"), infer_patch=(96, 96, 96),
+        description="anonymised (defaced/refaced/blurred) face area of head MR and CT, 3D U-Net (8 base filters) "
+                    "trained on anonymised phantom heads and two real MR heads"),
     "liver": ModelSpec(
         name="liver", in_ch=1,
         labels=(_label(1, "liver", "10200004", "Liver", None, (221, 130, 101)),),

@@ -1,0 +1,105 @@
+"""Face-area (anonymisation) data: head masks, the face region, and defacing/refacing/blurring.
+
+Images are on the canonical grid (slices head -> feet, rows anterior -> posterior, columns right
+-> left) at isotropic ``spacing`` mm. The face region of a head is defined geometrically from its
+head mask: everything within ``DEPTH_MM`` behind the most anterior point of the head, below
+``BROW_MM`` under the vertex, and within ``MARGIN_MM`` of the head (so the air just in front of the
+face belongs to it, as in AFNI/pydeface masks). :func:`anonymise` alters that region in one of the
+seed paper's modes: "deface" (set to the background value), "reface" (a smooth generic surface),
+"blur" (strong Gaussian blur, as in "reface plus"). The face_area model learns where the image was
+altered; its evaluation applies the same procedure to real MR heads it never saw.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+DEPTH_MM = 50.0
+BROW_MM = 80.0
+MARGIN_MM = 9.0
+MODES = ("deface", "reface", "blur")
+
+
+def head_mask(img: np.ndarray) -> np.ndarray:
+    """Largest bright component (threshold at 20% of the 99th percentile), holes filled per slice."""
+    v = img.astype(np.float32)
+    lo = np.percentile(v, 1)
+    m = v > lo + 0.2 * (np.percentile(v, 99) - lo)
+    m = ndi.binary_opening(m, iterations=1)
+    lab, n = ndi.label(m)
+    if n == 0:
+        return m
+    m = lab == 1 + int(np.argmax(ndi.sum(m, lab, range(1, n + 1))))
+    return np.stack([ndi.binary_fill_holes(s) for s in m])
+
+
+def face_region(head: np.ndarray, spacing: float, depth_mm: float = DEPTH_MM, brow_mm: float = BROW_MM) -> np.ndarray:
+    """The face region (boolean, same shape) of a head mask; empty when there is no head."""
+    out = np.zeros(head.shape, bool)
+    zs = np.nonzero(head.any(axis=(1, 2)))[0]
+    if zs.size == 0:
+        return out
+    z0 = int(zs[0] + round(brow_mm / spacing))
+    if z0 >= head.shape[0]:
+        return out
+    rows = np.nonzero(head[z0:].any(axis=(0, 2)))[0]
+    y1 = int(rows[0] + round(depth_mm / spacing))
+    near = ndi.binary_dilation(head, iterations=max(1, int(round(MARGIN_MM / spacing))))
+    out[z0:, :y1] = near[z0:, :y1]
+    return out
+
+
+def anonymise(img: np.ndarray, region: np.ndarray, rng: np.random.Generator, mode: str | None = None) -> np.ndarray:
+    """``img`` with ``region`` altered by ``mode`` (random when None). Raises ValueError for an unknown mode."""
+    mode = mode or str(rng.choice(MODES))
+    out = img.astype(np.float32).copy()
+    if not region.any():
+        return out
+    if mode == "deface":
+        out[region] = float(np.percentile(img, 1))
+    elif mode == "reface":
+        smooth = ndi.gaussian_filter(out, rng.uniform(4, 7))
+        out[region] = smooth[region] * rng.uniform(0.6, 1.0)
+    elif mode == "blur":
+        out[region] = ndi.gaussian_filter(out, rng.uniform(2, 4))[region]
+    else:
+        raise ValueError(f"unknown anonymisation mode {mode!r}")
+    return out
+
+
+class FacePool:
+    """Training heads: phantom head label maps (synthesised per sample) and real MR head images."""
+
+    def __init__(self, n_phantoms: int, spacing: float, real: tuple[str, ...] = ("brain1_image.nrrd", "brain2_image.nrrd"),
+                 seed0: int = 5000) -> None:
+        from inference.phantom import generate_phantom
+        from inference.realdata import DATA, load_image
+        self.spacing = spacing
+        self.phantoms = [generate_phantom(seed0 + i, "head", spacing)[0] for i in range(n_phantoms)]
+        self.real = []
+        for name in real:
+            img, A = load_image(DATA / "mr_heads" / name)
+            sp = np.linalg.norm(A[:3, :3], axis=0)
+            self.real.append(ndi.zoom(img.astype(np.float32), sp / spacing, order=1))
+
+    def sample(self, rng: np.random.Generator, patch: tuple[int, int, int], real_p: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
+        """(zscored image (1, *patch), target (patch)) of one anonymised head patch."""
+        from inference import synth
+        from inference.train import crop_patch
+        if self.real and rng.random() < real_p:
+            img = self.real[int(rng.integers(len(self.real)))]
+            img = img * rng.uniform(0.5, 2.0) * np.exp(0.15 * synth.smooth_field(img.shape, 12.0, rng))
+            head = head_mask(img)
+        else:
+            lab = self.phantoms[int(rng.integers(len(self.phantoms)))]
+            img = synth.mr_from_labels(lab, rng) if rng.random() < 0.75 else synth.ct_from_labels(lab, rng)
+            head = ~np.isin(lab, synth.NOT_BODY)
+        region = face_region(head, self.spacing, DEPTH_MM * rng.uniform(0.85, 1.15), BROW_MM * rng.uniform(0.85, 1.15))
+        out = anonymise(img, region, rng)
+        pts = np.argwhere(region) if region.any() and rng.random() < 0.7 else np.argwhere(head)
+        c = pts[rng.integers(len(pts))] if len(pts) else np.array(out.shape) // 2
+        fill = float(np.percentile(out, 1))
+        x = crop_patch(out, c, patch, fill=0)
+        x[crop_patch(np.ones(out.shape, bool), c, patch, fill=0) == 0] = fill
+        y = crop_patch(region.astype(np.int64), c, patch)
+        return synth.zscore(x), y
