@@ -18,7 +18,8 @@ from dicomnode.series.convert import (
     SUPPORTED_TRANSFER_SYNTAXES, load_input, read_headers, read_series, read_series_dir, read_stacks, write_nifti,
 )
 from dicomnode.volume import to_source_grid
-from tests.unit.test_convert_synth import AXIAL, CORONAL, NATIVE, SAGITTAL, make_stack, orientation_from, rotation
+from dicomnode.series.geometry import to_canonical
+from tests.unit.test_convert_synth import CORONAL, NATIVE, SAGITTAL, make_stack, orientation_from, rotation
 
 RESAMPLE_GAPS = GeometryConfig(on_gap="resample")
 
@@ -61,9 +62,17 @@ def test_oblique_non_square_pixels(tmp_path: Path, angles: tuple[float, float, f
     assert vol.geometry.spacing == pytest.approx((3.3, 0.55, 1.35), abs=1e-4)
 
 
-def test_sagittal_plane(tmp_path: Path) -> None:
-    vol = read_series_dir(tmp_path) if make_stack(tmp_path, orientation=SAGITTAL) else None
-    assert vol is not None and vol.geometry.acquisition_plane == "sagittal" and not vol.geometry.oblique
+def test_sagittal_plane_and_its_canonical_nifti(tmp_path: Path) -> None:
+    st = make_stack(tmp_path / "s", orientation=SAGITTAL)
+    vol = read_series_dir(tmp_path / "s")
+    _check(vol, st)
+    assert vol.geometry.acquisition_plane == "sagittal" and not vol.geometry.oblique
+    can, _ = to_canonical(vol)  # a non-contiguous view: written all the same
+    write_nifti(can, tmp_path / "c.nii")
+    img = nib.load(tmp_path / "c.nii")
+    assert np.array_equal(np.asanyarray(img.dataobj), can.array.transpose(2, 1, 0))
+    assert np.allclose(img.affine, can.nifti_affine())
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")  # i to the left, j posterior, k superior
 
 
 def test_gap_is_refused_by_default_and_resampled_on_request(tmp_path: Path) -> None:
@@ -226,6 +235,7 @@ def test_high_bits_above_bits_stored_are_ignored(tmp_path: Path) -> None:
 def test_nifti_round_trip_and_ras_affine(tmp_path: Path) -> None:
     st = make_stack(tmp_path / "s", orientation=orientation_from(rotation((0.2, 0.1, -0.4))), pixel_spacing=(0.6, 0.9))
     vol = read_series_dir(tmp_path / "s")
+    _check(vol, st)
     out = tmp_path / "v.nii.gz"
     write_nifti(vol, out)
     img = nib.load(out)
@@ -259,3 +269,21 @@ def test_single_slice(tmp_path: Path) -> None:
     assert vol.shape == (1, 40, 36) and vol.spacing[0] == pytest.approx(5.0)
     assert "single_slice" in vol.geometry.warnings
     assert dataclasses.asdict(vol.geometry)["n_slices"] == 1
+
+
+def test_enhanced_mr_echoes_are_separate_stacks(tmp_path: Path) -> None:
+    st = make_stack(tmp_path, n=6, enhanced=True, modality="MR", intercept=0, depths=[0, 2, 4, 0, 2, 4])
+    with pytest.raises(SeriesError, match="duplicate_positions"):  # same positions, nothing tells them apart
+        read_series(st.paths)
+    ds = pydicom.dcmread(st.paths[0])
+    for i, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        echo = pydicom.Dataset()
+        echo.EffectiveEchoTime = 10.0 if i < 3 else 20.0
+        fg.MREchoSequence = pydicom.Sequence([echo])
+    ds.save_as(st.paths[0])
+    with pytest.raises(SeriesError, match="multiple_stacks"):
+        read_series(st.paths)
+    stacks = read_stacks(st.paths)
+    assert len(stacks) == 2 and all(s.shape == (3, 40, 36) for s in stacks)
+    got = sorted((s.array for s in stacks), key=lambda a: int(a[0, 0, 1]))
+    assert np.array_equal(got[0], st.expected[:3]) and np.array_equal(got[1], st.expected[3:])

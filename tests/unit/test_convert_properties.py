@@ -22,7 +22,7 @@ from dicomnode.errors import SeriesError
 from dicomnode.series.convert import SUPPORTED_TRANSFER_SYNTAXES, read_series
 from dicomnode.series.geometry import to_canonical
 from tests.unit.test_convert_synth import (
-    ALL_SYNTAXES, DCMCJPEG, LOSSY, PYDICOM_ENCODED, file_values, make_stack, orientation_from, rotation,
+    ALL_SYNTAXES, DCMCJPEG, EIGHT_BIT_ONLY, LOSSY, PYDICOM_ENCODED, file_values, make_stack, orientation_from, rotation,
 )
 
 SCALE = 20 if os.environ.get("HYPOTHESIS_PROFILE") == "nightly" else 1
@@ -155,9 +155,13 @@ def test_every_supported_transfer_syntax(syntax, enhanced, signed, bits, n, data
     if syntax in DCMCJPEG:
         enhanced = False  # dcmcjpeg is used for single-frame files only
     order = data.draw(st.permutations(range(n)))
+    allocated = 16
+    if syntax in EIGHT_BIT_ONLY:
+        allocated, bits = 8, 8
     with _Dir() as d:
         stack = make_stack(d, n=n, rows=32, cols=32, syntax=syntax, enhanced=enhanced, signed=signed,
-                           bits_stored=bits, order=order, intercept=-1024 if signed else 0, seed=bits + n)
+                           bits_stored=bits, bits_allocated=allocated, order=order,
+                           intercept=-1024 if signed else 0, seed=bits + n)
         vol = read_series(stack.paths)
         if syntax in LOSSY:  # reference: pydicom's decode of the very same files, in slice order
             ref = [pydicom.dcmread(p) for p in stack.paths]
@@ -170,3 +174,7 @@ def test_every_supported_transfer_syntax(syntax, enhanced, signed, bits, n, data
         else:
             assert np.array_equal(vol.array, stack.expected)
     assert syntax in PYDICOM_ENCODED or syntax in DCMCJPEG or syntax.startswith("1.2.840.10008.1.2")
+
+
+def test_every_supported_syntax_is_exercised_above() -> None:
+    assert set(SUPPORTED_TRANSFER_SYNTAXES) == set(ALL_SYNTAXES)

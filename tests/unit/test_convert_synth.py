@@ -34,9 +34,12 @@ PYDICOM_ENCODED = {
     "1.2.840.10008.1.2.4.90": {},  # J2K lossless
     "1.2.840.10008.1.2.4.91": {"j2k_cr": [4]},  # J2K lossy
 }
-DCMCJPEG = {"1.2.840.10008.1.2.4.70": "+e1", "1.2.840.10008.1.2.4.57": "+el", "1.2.840.10008.1.2.4.51": "+ee"}
+DCMCJPEG = {"1.2.840.10008.1.2.4.70": "+e1", "1.2.840.10008.1.2.4.57": "+el", "1.2.840.10008.1.2.4.51": "+ee",
+            "1.2.840.10008.1.2.4.50": "+eb"}
+EIGHT_BIT_ONLY = {"1.2.840.10008.1.2.4.50"}  # JPEG baseline: 8-bit samples
 NATIVE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
-LOSSY = {"1.2.840.10008.1.2.4.81": 2, "1.2.840.10008.1.2.4.91": None, "1.2.840.10008.1.2.4.51": None}
+LOSSY = {"1.2.840.10008.1.2.4.81": 2, "1.2.840.10008.1.2.4.91": None, "1.2.840.10008.1.2.4.51": None,
+         "1.2.840.10008.1.2.4.50": None}
 ALL_SYNTAXES = NATIVE + tuple(PYDICOM_ENCODED) + tuple(DCMCJPEG)
 
 
@@ -118,12 +121,12 @@ def base_dataset(sop_class: str, modality: str, series: str, study: str, for_uid
     return ds
 
 
-def set_pixels(ds: Dataset, values: np.ndarray, bits_stored: int, signed: bool) -> None:
-    """Store ``values`` (frames, rows, cols) or (rows, cols) as 16-bit pixel data."""
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+def set_pixels(ds: Dataset, values: np.ndarray, bits_stored: int, signed: bool, bits_allocated: int = 16) -> None:
+    """Store ``values`` (frames, rows, cols) or (rows, cols) as 8- or 16-bit pixel data."""
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_allocated, bits_stored, bits_stored - 1
     ds.PixelRepresentation = 1 if signed else 0
     ds.Rows, ds.Columns = values.shape[-2:]
-    ds.PixelData = values.astype(np.int16 if signed else np.uint16).tobytes()
+    ds.PixelData = values.astype(np.dtype(("i" if signed else "u") + str(bits_allocated // 8))).tobytes()
 
 
 def save(ds: Dataset, path: Path, syntax: str) -> None:
@@ -170,6 +173,7 @@ def make_stack(
     intercept: float = -1024.0,
     bits_stored: int = 16,
     signed: bool = False,
+    bits_allocated: int = 16,
     values: np.ndarray | None = None,
     order: Sequence[int] | None = None,  # file write order (shuffled series)
     enhanced: bool = False,
@@ -186,14 +190,16 @@ def make_stack(
     positions = np.round(positions, 6)
     if values is None:
         lo, hi = (-2000, 2000) if signed else (0, 3000)
-        if bits_stored < 16:
+        if bits_allocated == 8:
+            lo, hi = (-100, 100) if signed else (0, 255)
+        elif bits_stored < 16:
             lo, hi = max(lo, -(1 << (bits_stored - 1)) if signed else 0), min(hi, (1 << (bits_stored - (1 if signed else 0))) - 1)
         values = smooth_values((n, rows, cols), lo, hi, seed)
     study, series, for_uid = generate_uid(), generate_uid(), generate_uid()
     stack = Stack(values, positions, tuple(float(v) for v in o), tuple(pixel_spacing), slope, intercept)  # type: ignore[arg-type]
     if enhanced:
         ds = base_dataset(ENHANCED_CT, modality, series, study, for_uid)
-        set_pixels(ds, values, bits_stored, signed)
+        set_pixels(ds, values, bits_stored, signed, bits_allocated)
         ds.NumberOfFrames = n
         shared = Dataset()
         pm = Dataset()
@@ -220,7 +226,7 @@ def make_stack(
             fg.FrameContentSequence = DicomSequence([fc])
             per.append(fg)
         ds.PerFrameFunctionalGroupsSequence = DicomSequence(per)
-        set_pixels(ds, values[frame_order], bits_stored, signed)
+        set_pixels(ds, values[frame_order], bits_stored, signed, bits_allocated)
         path = folder / "enhanced.dcm"
         save(ds, path, syntax)
         stack.paths = [path]
@@ -233,7 +239,7 @@ def make_stack(
         ds.PixelSpacing = list(pixel_spacing)
         ds.SliceThickness = slice_spacing
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        set_pixels(ds, values[i], bits_stored, signed)
+        set_pixels(ds, values[i], bits_stored, signed, bits_allocated)
         path = folder / f"f{len(stack.paths):04d}.dcm"
         save(ds, path, syntax)
         stack.paths.append(path)
@@ -254,7 +260,10 @@ def test_generator_writes_the_geometry_it_reports(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("syntax", ALL_SYNTAXES)
 def test_generator_encodes_every_syntax(tmp_path: Path, syntax: str) -> None:
-    st = make_stack(tmp_path, n=1, syntax=syntax, signed=True, bits_stored=12)
+    if syntax in EIGHT_BIT_ONLY:
+        st = make_stack(tmp_path, n=1, syntax=syntax, bits_allocated=8, bits_stored=8, intercept=0)
+    else:
+        st = make_stack(tmp_path, n=1, syntax=syntax, signed=True, bits_stored=12)
     ds = pydicom.dcmread(st.paths[0])
     assert ds.file_meta.TransferSyntaxUID == syntax
     err = np.abs(file_values(ds) - st.expected[0]).max()
