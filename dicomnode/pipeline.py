@@ -17,6 +17,7 @@ results go) comes in a :class:`PipelineContext`; the node (``worker.py``) and th
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
@@ -194,14 +195,34 @@ def _findings(summary: SeriesSummary, measured: Any, grid: Volume) -> Any:
     )
 
 
-def _source_box(reorientation: Any, lower: Any, upper: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """A box [lower, upper) on the canonical grid as the same box on the source grid."""
-    m = reorientation.index_matrix()
-    a = m @ np.array([*[int(v) for v in lower], 1.0])
-    b = m @ np.array([*[int(v) - 1 for v in upper], 1.0])  # last voxel inside
-    lo = np.minimum(a[:3], b[:3]).round().astype(int)
-    hi = np.maximum(a[:3], b[:3]).round().astype(int) + 1
-    return tuple(int(v) for v in lo), tuple(int(v) for v in hi)  # type: ignore[return-value]
+def _header_view(uncorrected: Volume, correction: np.ndarray) -> Any:
+    """Map Volumes on the orientation-corrected grid back to header coordinates and source frames.
+
+    ``apply_orientation`` gives the corrected volume an affine in true (anatomical) coordinates;
+    results must be written on the source images as their headers describe them, so each result
+    is re-described by ``inv(correction) @ affine`` with the uncorrected volume's source frames and
+    source grid (no resampling: the array is untouched).
+    """
+    inv = np.linalg.inv(correction)
+
+    def view(v: Volume) -> Volume:
+        return dataclasses.replace(v, affine=inv @ v.affine, source=uncorrected.source,
+                                   source_affine=uncorrected.source_affine, source_shape=uncorrected.source_shape)
+
+    return view
+
+
+def _source_box(grid: Volume, lower: Any, upper: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """A box [lower, upper) of ``grid``'s voxels as the enclosing box of source-grid voxels."""
+    assert grid.source_affine is not None and grid.source_shape is not None
+    to_source = np.linalg.inv(grid.source_affine) @ grid.affine
+    lo, hi = np.asarray(lower, float), np.asarray(upper, float) - 1.0  # last voxel inside
+    corners = np.array([[c0, c1, c2, 1.0] for c0 in (lo[0], hi[0]) for c1 in (lo[1], hi[1]) for c2 in (lo[2], hi[2])])
+    idx = (corners @ to_source.T)[:, :3]
+    shape = np.asarray(grid.source_shape)
+    a = np.clip(np.floor(idx.min(axis=0) + 1e-6), 0, shape - 1).astype(int)
+    b = np.clip(np.ceil(idx.max(axis=0) - 1e-6), 0, shape - 1).astype(int) + 1
+    return tuple(int(v) for v in a), tuple(int(v) for v in b)  # type: ignore[return-value]
 
 
 def _orientation_code(volume: Volume) -> str:
@@ -247,58 +268,69 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
         with timer("orient"):
             volume, reorientation = to_canonical(source)
         predictions: list[tuple[str, Any]] = []  # (model, Prediction on `volume`'s grid)
-        # 4. whole-volume models (body; face_area for MR heads; ...) except anatomy19
-        for model in (m for m in pipeline.models if m != "anatomy19"):
-            with timer(f"infer:{model}"):
-                predictions.append((model, ctx.client.segment(volume, model)))
-        # 5. CTARR: anatomy19 at its own 3 mm grid -> registration -> orientation check (+ correction)
+        # 4. CTARR: anatomy19 at its own 3 mm grid -> registration -> orientation check (+ correction)
         orientation: dict[str, Any] = {"checked": False}
         qc: dict[str, Any] = {}
         region_summaries: list[RegionSummary] = []
+        reg = anatomy = None
+        to_header: Any = lambda v: v  # a Volume on the processing grid, in header coordinates
         if "anatomy19" in pipeline.models:
             from dicomnode.anatomy import qc as anatomy_qc
-            from dicomnode.anatomy.register import apply_orientation, register
-            from dicomnode.anatomy.regions import crop_region, paste_back
+            from dicomnode.anatomy.register import apply_orientation, correction_matrix, register
 
             with timer("infer:anatomy19"):
                 anatomy = ctx.client.segment_native(volume, "anatomy19")
+            predictions.append(("anatomy19", anatomy))  # stays at 3 mm; build_seg maps it onto the source
             with timer("register"):
-                reg = register(anatomy.labels, ctx.atlas)
-            orientation = {
-                "checked": True, "verified": bool(reg.verified), "reason": str(reg.reason),
-                "rotation_k": int(reg.rotation_k), "z_flip": bool(reg.z_flip),
-                "matches_header": int(reg.rotation_k) == 0 and not bool(reg.z_flip),
-                "corrected": False, "scale": [float(s) for s in reg.scale],
-                "translation_mm": [float(t) for t in reg.translation],
-            }
-            if reg.verified and not orientation["matches_header"] and cfg.anatomy.correct_orientation:
-                # the anatomy disagrees with the header: process in the anatomically correct
-                # orientation, then map everything back onto the source grid at the end
-                with timer("orient:correct"):
-                    volume = apply_orientation(volume, reg)
-                    predictions = [(m, ctx.client.segment(volume, m)) for m, _ in predictions]
-                    anatomy = ctx.client.segment_native(volume, "anatomy19")
+                try:
                     reg = register(anatomy.labels, ctx.atlas)
-                orientation["corrected"] = True
-            predictions.append(("anatomy19", anatomy))  # at 3 mm; build_seg maps it onto the source frames
-            # 6. regions: atlas boxes -> scan boxes -> crops -> region models -> paste back
-            if reg.verified and pipeline.regions:
-                models_for = dict(region_model_pairs(pipeline))
-                for name in pipeline.regions:
-                    with timer(f"crop:{name}"):
-                        crop = crop_region(volume, reg, ctx.regions[name], anatomy.labels)
-                    lower, upper = _source_box(reorientation, crop.lower, crop.upper)
-                    region_summaries.append(RegionSummary(name, lower, upper, models_for.get(name, "")))
-                    if name in models_for:
-                        with timer(f"infer:{models_for[name]}"):
-                            pred = ctx.client.segment(crop.volume, models_for[name])
-                        with timer(f"paste:{name}"):
-                            predictions.append((models_for[name], paste_back(pred, volume)))
-            elif pipeline.regions:
-                qc["regions_skipped"] = f"registration not verified: {reg.reason}"
-            with timer("qc"):
-                report = anatomy_qc.check(anatomy.labels, reg)
-                qc.update(report.to_json())
+                except ValueError:  # none of the 19 anatomies: no registration, no regions
+                    qc["anatomy_found"] = False
+            if reg is not None:
+                orientation = {
+                    "checked": True, "verified": bool(reg.verified), "reason": str(reg.reason),
+                    "rotation_k": int(reg.rotation_k), "z_flip": bool(reg.z_flip),
+                    "matches_header": not reg.reoriented, "corrected": False,
+                    "scale": [round(float(v), 4) for v in reg.scale],
+                    "translation_mm": [round(float(v), 2) for v in reg.translation],
+                    "residual_mm": None if not np.isfinite(reg.residual) else round(float(reg.residual), 2),
+                }
+                with timer("qc"):
+                    qc.update(anatomy_qc.check(anatomy.labels, reg, ctx.atlas).to_json())
+                if reg.reoriented and cfg.anatomy.correct_orientation:
+                    # the anatomy disagrees with the header: process in the anatomically correct
+                    # orientation; source_affine moves with it, so results still land on the source grid
+                    with timer("orient:correct"):
+                        to_header = _header_view(volume, correction_matrix(reg))
+                        volume = apply_orientation(volume, reg)
+                        reg = reg.corrected()
+                    orientation["corrected"] = True
+        # 5. whole-volume models (body; face_area for MR heads; ...)
+        for model in (m for m in pipeline.models if m != "anatomy19"):
+            with timer(f"infer:{model}"):
+                pred = ctx.client.segment(volume, model)
+                predictions.append((model, dataclasses.replace(pred, labels=to_header(pred.labels))))
+        # 6. regions: atlas boxes -> scan boxes -> crops -> region models on the crops -> paste back
+        if reg is not None and pipeline.regions:
+            from dicomnode.anatomy.regions import crop_region, paste_back
+
+            models_for = dict(region_model_pairs(pipeline))
+            for name in pipeline.regions:
+                with timer(f"crop:{name}"):
+                    try:
+                        crop = crop_region(volume, reg, ctx.regions[name], anatomy.labels if anatomy else None)
+                    except SeriesError as exc:  # region_outside_image: this scan does not show it
+                        qc.setdefault("regions_outside_image", []).append(name)
+                        log.info("job %s %s: region %s: %s", job.job_id, key, name, exc.reason)
+                        continue
+                lower, upper = _source_box(to_header(volume), crop.lower, crop.upper)
+                region_summaries.append(RegionSummary(name, lower, upper, models_for.get(name, "")))
+                if name in models_for:
+                    with timer(f"infer:{models_for[name]}"):
+                        pred = ctx.client.segment(crop.volume, models_for[name])
+                    with timer(f"paste:{name}"):
+                        pasted = paste_back(pred, volume)
+                        predictions.append((models_for[name], dataclasses.replace(pasted, labels=to_header(pasted.labels))))
         # 7. results: SEG (one segment per label, mapped back onto the source frames) + SR
         with timer("results"):
             preds = [p for _, p in predictions]
