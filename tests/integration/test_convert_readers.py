@@ -109,3 +109,21 @@ def test_jpeg_ls_matches_simpleitk(tmp_path: Path) -> None:
 def test_enhanced_multiframe_matches_dcm2niix(tmp_path: Path) -> None:
     make_stack(tmp_path / "s", n=5, enhanced=True, order=[3, 0, 4, 2, 1], pixel_spacing=(0.8, 0.6))
     _compare(tmp_path / "s", tmp_path, sitk_too=False)
+
+
+def test_real_nifti_inputs_keep_their_grid(shared_data: Path, tmp_path: Path) -> None:
+    from dicomnode.series.convert import load_input
+    from dicomnode.series.geometry import to_canonical
+
+    for name, modality in (("example_ct.nii.gz", "CT"), ("example_mr_sm.nii.gz", "MR")):
+        path = shared_data / "totalsegmentator" / name
+        img = nib.load(path)
+        vol = load_input(path, modality=modality)
+        assert vol.modality == modality and vol.source == ()
+        assert np.allclose(vol.nifti_affine(), img.affine, atol=1e-5)
+        assert np.array_equal(vol.array.transpose(2, 1, 0), np.asanyarray(img.dataobj))
+        can, r = to_canonical(vol)
+        assert np.allclose(np.abs(can.direction), [[0, 0, 1], [0, 1, 0], [1, 0, 0]], atol=1e-3)
+        write_nifti(can, tmp_path / name)
+        back = r.invert(load_input(tmp_path / name, modality=modality))
+        assert np.array_equal(back.array, vol.array) and np.allclose(back.affine, vol.affine, atol=1e-4)
