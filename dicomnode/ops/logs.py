@@ -63,6 +63,23 @@ def quiet_third_party() -> None:
         pass
 
 
+class RedactThirdParty(logging.Filter):
+    """Handler filter: records of pynetdicom/pydicom/highdicom keep level and logger name but not
+    their text or traceback, which can quote received values (e.g. pynetdicom's "Invalid 'Affected
+    SOP Instance UID' value '<uid>'" at ERROR when a peer sends a malformed command)."""
+
+    PREFIXES = ("pynetdicom", "pydicom", "highdicom")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite third-party records in place; always lets the record through."""
+        if record.name.split(".", 1)[0] in self.PREFIXES:
+            exc = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+            record.msg = "third-party message withheld (may quote received values)" + (f" [{exc}]" if exc else "")
+            record.args = None
+            record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
 def setup_logging(log_file: Path | None, level: str = "INFO") -> None:
     """Configure the root logger (stderr + optional rotating file) and silence PHI-prone loggers."""
     root = logging.getLogger()
@@ -70,11 +87,13 @@ def setup_logging(log_file: Path | None, level: str = "INFO") -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     stream = logging.StreamHandler()
     stream.setFormatter(fmt)
+    stream.addFilter(RedactThirdParty())
     root.addHandler(stream)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.handlers.RotatingFileHandler(log_file, maxBytes=20_000_000, backupCount=5)
         fh.setFormatter(fmt)
+        fh.addFilter(RedactThirdParty())
         root.addHandler(fh)
     root.setLevel(level)
     quiet_third_party()
