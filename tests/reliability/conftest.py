@@ -75,18 +75,21 @@ class NodeUnderTest:
 
 
 def node_config(tmp: Path, *, senders: tuple[str, ...] = ("STORESCU", "ECHOSCU", "CORPUS"),
-                triton: Any = None, pacs: tuple[str, int] | None = None, web: bool = False,
+                triton: Any = None, pacs: tuple[str, int] | None = None,
+                more_results: tuple[tuple[str, str, int], ...] = (), web: bool = False,
                 token_env: str = "", quota_bytes: int = 0, quiet_period_s: float = 1.0,
                 node_extra: str = "", extra: str = "", workers: int = 1, name: str = "node") -> tuple[Path, int, int, int]:
     """Write ``tmp/<name>.toml``; returns (path, DICOM port, web port, metrics port).
 
     ``triton``: a started LocalTriton -> a CT/MR pipeline with the ``body`` model over gRPC;
-    ``pacs``: (AE, port) of a peer that receives results (SEG + SR) and may send.
+    ``pacs``: (AE, port) of a peer that receives results (SEG + SR) and may send;
+    ``more_results``: further (name, AE, port) peers that receive results.
     """
     port, web_port, metrics_port = free_port(), free_port(), free_port()
     peers = [Peer(ae.lower(), ae, 104) for ae in senders]
     if pacs is not None:
         peers.append(Peer("pacs", pacs[0], pacs[1], receives_results=True))
+    peers += [Peer(name, ae, p, may_send=False, receives_results=True) for name, ae, p in more_results]
     lines = [extra]
     if web:
         lines += ["[web]", "enabled = true", 'host = "127.0.0.1"', f"port = {web_port}",
@@ -149,3 +152,24 @@ def report(name: str, data: dict[str, Any]) -> None:
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / f"{name}.json").write_text(text + "\n", encoding="utf-8")
+
+
+def storescu_outcomes(files: list[Path], stderr: str) -> list[str]:
+    """Per file, what ``storescu -v`` reported: "Success", "Refused: OutOfResources", ... or "not sent"."""
+    seen: dict[str, str] = {}
+    current = ""
+    for line in stderr.splitlines():
+        if "Sending file: " in line:
+            current = line.split("Sending file: ", 1)[1].strip()
+        elif "Received Store Response (" in line and current:
+            seen[current] = line.split("Received Store Response (", 1)[1].rsplit(")", 1)[0]
+            current = ""
+    return [seen.get(str(f), "not sent") for f in files]
+
+
+def tally(outcomes: list[str]) -> dict[str, int]:
+    """Counts of each outcome."""
+    out: dict[str, int] = {}
+    for o in outcomes:
+        out[o] = out.get(o, 0) + 1
+    return out
