@@ -16,7 +16,7 @@ Triton/onnxruntime path as the trained networks. On the normalised input ``x`` (
    bowel gas and the airways enclosed by the body wall.
 
 The output is probabilities [N, 2, Z, Y, X] (0/1 values: background, body). Build and export with
-``python -m inference.classical_body [REPO]`` (default: the project's triton_models/).
+``python -m inference.classical_body [REPO] [--force]`` (default: the project's triton_models/).
 """
 from __future__ import annotations
 
@@ -119,12 +119,25 @@ def build_onnx() -> bytes:
     return model.SerializeToString()
 
 
-def export(repo: Path | None = None) -> Path:
-    """Write the model into ``repo`` (default: the project's triton_models/) via write_model_dir."""
+def export(repo: Path | None = None, *, force: bool = False) -> Path:
+    """Write the model into ``repo`` (default: the project's triton_models/) via write_model_dir.
+
+    Refuses (FileExistsError) to replace a ``body`` model that is not the classical one (the
+    trained network) unless ``force``.
+    """
+    import json
+
     from inference.triton_repo import PROJECT_REPO, write_model_dir
 
-    return write_model_dir(repo or PROJECT_REPO, MANIFEST, build_onnx())
+    repo = repo or PROJECT_REPO
+    current = repo / "body" / "labels.json"
+    if current.exists() and not force:
+        method = json.loads(current.read_text()).get("extra", {}).get("method")
+        if method != "classical":
+            raise FileExistsError(f"{current.parent} holds a trained body model; use --force to replace it")
+    return write_model_dir(repo, MANIFEST, build_onnx())
 
 
 if __name__ == "__main__":
-    print(export(Path(sys.argv[1]) if len(sys.argv) > 1 else None))
+    args = [a for a in sys.argv[1:] if a != "--force"]
+    print(export(Path(args[0]) if args else None, force="--force" in sys.argv))
