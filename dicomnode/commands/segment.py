@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             pred = client.segment(volume, args.model)
             elapsed = time.monotonic() - started
             shm = client.uses_shared_memory
-    except (TransientError, ModelContractError) as exc:
+    except (TransientError, ModelContractError, SeriesError) as exc:
         print(f"inference failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     write_nifti(pred.labels, args.out)

@@ -26,7 +26,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from dicomnode.errors import ModelContractError, TransientError
+from dicomnode.errors import ModelContractError, SeriesError, TransientError
 from dicomnode.infer import tiling
 from dicomnode.infer.models import ModelManifest, Prediction, load_manifest
 from dicomnode.volume import Volume, resample
@@ -370,9 +370,13 @@ class InferenceClient:
         """Labels on the model's canonical grid at its spacing (not mapped back).
 
         ``probabilities=True`` also returns the [K, Z, Y, X] probabilities on that grid. Raises
-        TransientError, ModelContractError, or SeriesError-free ValueError for a wrong modality.
+        TransientError, ModelContractError, or SeriesError("modality_not_supported", kind=
+        "unsupported") when the manifest does not list the volume's modality.
         """
         m = self.manifest(model)
+        if m.modalities and volume.modality not in m.modalities:
+            raise SeriesError("modality_not_supported", kind="unsupported",
+                              detail=f"{model} takes {'/'.join(m.modalities)}, not {volume.modality}")
         on_grid = tiling.to_model_grid(volume, m)
         x = tiling.normalise(on_grid.array, m, volume.modality)
         labels, probs = tiling.predict_volume(
@@ -385,7 +389,7 @@ class InferenceClient:
 
         Resample to the model spacing on the canonical grid, normalise per manifest, whole volume or
         Gaussian-weighted sliding windows, argmax, nearest-neighbour back onto ``volume``'s grid.
-        Raises TransientError (server unavailable) or ModelContractError.
+        Raises TransientError (server unavailable), ModelContractError or SeriesError (modality).
         """
         native = self.segment_native(volume, model)
         lab = native.labels
