@@ -285,9 +285,10 @@ def register_processing(node: Any) -> None:
     else:
         pool = _register_pipeline(node, cfg, metrics)
     node.metrics = metrics
-    metrics.watch_database(node.db, pool)
+    outbox = getattr(node, "outbox", None)
+    metrics.watch_database(node.db, pool, outbox)
     if cfg.web.enabled:
-        node.web = StatusServer(cfg, node.db, pool)
+        node.web = StatusServer(cfg, node.db, pool, outbox)
         node.add_service("web", node.web)
         node.add_service("metrics", MetricsServer(cfg, metrics))
 
@@ -302,8 +303,8 @@ def _register_pipeline(node: Any, cfg: Config, metrics: Any) -> Any:
     if any(p.receives_results for p in cfg.peers) or any(pl.destinations for pl in cfg.pipelines):
         from dicomnode.store.outbox import Outbox, Sender
 
-        outbox = Outbox(cfg, node.db)
-        node.add_service("sender", Sender(cfg, outbox, metrics=metrics))
+        outbox = Outbox.open(cfg)
+        node.add_service("sender", Sender.from_config(cfg, outbox))
     node.outbox = outbox
     ctx = build_context(cfg, inference, SpoolSource(node.db, node.spool), NodeSink(cfg, outbox))
     pool = WorkerPool(cfg, node.db, ctx, metrics=metrics)

@@ -22,9 +22,10 @@ STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 class _DatabaseCollector:
     """Job and series counts per state, read from the database when scraped."""
 
-    def __init__(self, db: Any, pool: Any = None) -> None:
+    def __init__(self, db: Any, pool: Any = None, outbox: Any = None) -> None:
         self.db = db
         self.pool = pool
+        self.outbox = outbox
 
     def describe(self) -> list[Any]:
         return []
@@ -41,6 +42,14 @@ class _DatabaseCollector:
             log.exception("metrics: database read failed")
         yield jobs
         yield series
+        if self.outbox is not None:
+            ob = GaugeMetricFamily("dicomnode_outbox", "Result objects in the outbox by state", labels=["state"])
+            try:
+                for state, n in sorted(self.outbox.counts().items()):
+                    ob.add_metric([state], n)
+            except Exception:  # noqa: BLE001
+                log.exception("metrics: outbox read failed")
+            yield ob
         if self.pool is not None:
             g = GaugeMetricFamily("dicomnode_jobs_in_flight", "Jobs running in this process now")
             g.add_metric([], self.pool.in_flight())
@@ -66,11 +75,6 @@ class NodeMetrics:
                                        buckets=STAGE_BUCKETS, registry=self.registry)
         self.job_seconds = Histogram("dicomnode_job_seconds", "Whole pipeline duration per job",
                                      buckets=STAGE_BUCKETS, registry=self.registry)
-        self.results_sent = Counter("dicomnode_results_sent", "Result objects sent, by destination and kind",
-                                    ["destination", "kind"], registry=self.registry)
-        self.results_dead_lettered = Counter("dicomnode_results_dead_lettered",
-                                             "Result objects given up on (permanent refusal or too old)",
-                                             ["destination"], registry=self.registry)
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -82,9 +86,9 @@ class NodeMetrics:
         if outcome.state == "done":
             self.job_seconds.observe(outcome.total_s)
 
-    def watch_database(self, db: Any, pool: Any = None) -> None:
-        """Export job/series counts per state from ``db`` at scrape time."""
-        self.registry.register(_DatabaseCollector(db, pool))
+    def watch_database(self, db: Any, pool: Any = None, outbox: Any = None) -> None:
+        """Export job/series (and outbox) counts per state at scrape time."""
+        self.registry.register(_DatabaseCollector(db, pool, outbox))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server on ``host:port`` (0 picks a port); returns the port.

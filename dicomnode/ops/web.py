@@ -47,7 +47,7 @@ def _reason_code(reason: str) -> str:
     return (reason or "").splitlines()[0][:200] if reason else ""
 
 
-def status_snapshot(cfg: Config, db: Any, pool: Any = None, *, limit: int = 200) -> dict[str, Any]:
+def status_snapshot(cfg: Config, db: Any, pool: Any = None, outbox: Any = None, *, limit: int = 200) -> dict[str, Any]:
     """The JSON document of ``/api/status`` (counts, states, hashes and timings only)."""
     now = time.time()
     series = db.list_series(limit=limit)
@@ -97,6 +97,7 @@ def status_snapshot(cfg: Config, db: Any, pool: Any = None, *, limit: int = 200)
                  "uptime_s": round(now - pool.started_at, 1) if pool is not None and pool.started_at else None,
                  "triton": "local" if cfg.triton.url == "local" else "remote"},
         "queue": queue,
+        "outbox": outbox.counts() if outbox is not None else {},
         "series_states": _count(s.state for s in series),
         "series": series_out,
         "recent_failures": failures,
@@ -120,14 +121,14 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.2em;color:#222;background:#fafa
 h1{font-size:1.3em;margin:0 0 .3em} h2{font-size:1.05em;margin:1.2em 0 .4em}
 table{border-collapse:collapse;background:#fff;min-width:40em}
 th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#eee} .num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#eee} td:first-child{white-space:nowrap} .num{text-align:right;font-variant-numeric:tabular-nums}
 .done{color:#1a7f37;font-weight:600} .failed,.quarantined{color:#b42318;font-weight:600}
 .processing,.queued,.complete{color:#9a6700;font-weight:600} .receiving{color:#555}
 .bar{display:inline-block;height:.8em;background:#4a78c2;margin-right:.3em;vertical-align:middle}
 #meta{color:#555} .pill{display:inline-block;border-radius:1em;background:#e8eefc;padding:0 .6em;margin-right:.4em}
 </style></head><body>
 <h1>dicomnode</h1><div id="meta">loading&hellip;</div>
-<h2>Queue</h2><div id="queue"></div>
+<h2>Queue</h2><div id="queue"></div><h2>Outbox</h2><div id="outbox"></div>
 <h2>Series</h2><table id="series"><thead><tr><th>series</th><th>modality</th><th>state</th>
 <th class="num">instances</th><th class="num">MB</th><th>job</th><th class="num">total s</th><th>stages (s)</th></tr></thead><tbody></tbody></table>
 <h2>Stage timings (done jobs)</h2><table id="stages"><thead><tr><th>stage</th><th class="num">n</th>
@@ -155,6 +156,9 @@ async function refresh(){
     const q = document.getElementById("queue"); q.replaceChildren();
     for(const [k,v] of Object.entries(s.queue)){q.appendChild(el("span", k+": "+v, "pill"));}
     if(!Object.keys(s.queue).length) q.textContent="empty";
+    const o = document.getElementById("outbox"); o.replaceChildren();
+    for(const [k,v] of Object.entries(s.outbox)){o.appendChild(el("span", k+": "+v, "pill"));}
+    if(!Object.keys(s.outbox).length) o.textContent="no results queued";
     fill("series", s.series.map(x => row([el("td",x.series_key), el("td",x.modality), el("td",x.state,x.state),
       el("td",x.instances,"num"), el("td",x.megabytes,"num"),
       el("td", x.job ? (x.job.state+(x.job.reason?" ("+x.job.reason+")":"")) : "-", x.job ? x.job.state : ""),
@@ -173,10 +177,11 @@ refresh(); setInterval(refresh, 2000);
 class StatusServer:
     """The status page and JSON API on ``web.host:web.port`` in a background thread."""
 
-    def __init__(self, cfg: Config, db: Any, pool: Any = None, *, port: int | None = None) -> None:
+    def __init__(self, cfg: Config, db: Any, pool: Any = None, outbox: Any = None, *, port: int | None = None) -> None:
         self.cfg = cfg
         self.db = db
         self.pool = pool
+        self.outbox = outbox
         self.token = cfg.secret(cfg.web.token_env) or ""
         self._port = cfg.web.port if port is None else port
         self._httpd: ThreadingHTTPServer | None = None
@@ -235,7 +240,7 @@ class StatusServer:
                     self._send(200, PAGE.encode(), "text/html; charset=utf-8")
                 elif parts.path == "/api/status":
                     try:
-                        doc = status_snapshot(server.cfg, server.db, server.pool)
+                        doc = status_snapshot(server.cfg, server.db, server.pool, server.outbox)
                     except Exception:  # noqa: BLE001 - report, do not crash the page server
                         log.exception("status snapshot failed")
                         self._send(500, b'{"error": "status unavailable"}', "application/json")
