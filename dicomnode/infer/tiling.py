@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dicomnode.infer.models import ModelManifest
-from dicomnode.volume import Volume, resample
+from dicomnode.volume import Volume
 
 # columns: LPS unit vectors of the (slice, row, column) axes
 CANONICAL_DIRECTION = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
