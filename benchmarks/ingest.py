@@ -1,11 +1,15 @@
 """Ingest speed, side by side: storescu -> the node (durability on), -> dcmtk storescp, -> Orthanc.
 
-    .venv/bin/python benchmarks/ingest.py [--slices 300] [--size 512] [--repeat 3] [--only node,storescp,orthanc]
+    .venv/bin/python benchmarks/ingest.py [--slices 300] [--size 512] [--repeat 3]
+        [--only node,storescp,orthanc[,node-nofsync]]
 
 One run generates a synthetic CT series (int16, uncompressed) and sends it with dcmtk storescu
 (TCP_NODELAY=1, one association) to each receiver in turn, ``--repeat`` times, interleaved;
 prints the median instances/s of each and the ratios node/Orthanc and node/storescp.
-The node runs as ``dicomnode serve`` (fsync of every file and directory, SQLite WAL synchronous=FULL).
+The node runs as ``dicomnode serve`` (fdatasync of every file, fsync of its directory, SQLite WAL
+commit before the ack); ``node-nofsync`` is the same node with ``node.fsync = false`` (to separate
+the network stack from the disk; not a production setting). Also prints the cost of one durable
+525 kB file write (write + fdatasync + rename + directory fsync) measured in the same run.
 """
 from __future__ import annotations
 
@@ -41,6 +45,28 @@ def timed_send(folder: Path, port: int, called: str) -> float:
     return dt
 
 
+def fsync_cost_ms(work: Path, n: int = 30) -> float:
+    """Median ms for one durable 525 kB file (write, fdatasync, rename, directory fsync)."""
+    import os
+
+    d = work / "fsync-probe"
+    d.mkdir(exist_ok=True)
+    data = os.urandom(525_000)
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fd = os.open(d / f"{i}.tmp", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, data)
+        os.fdatasync(fd)
+        os.close(fd)
+        os.replace(d / f"{i}.tmp", d / f"{i}.dcm")
+        dfd = os.open(d, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+        out.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(out)
+
+
 def main() -> int:
     """Run the benchmark; prints a table and the ratios."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,11 +83,14 @@ def main() -> int:
         print(f"series: {args.slices} slices {args.size}x{args.size}, {mb:.0f} MB")
         receivers: dict[str, tuple[int, str, object]] = {}
         try:
-            if "node" in which:
+            for name in ("node", "node-nofsync"):
+                if name not in which:
+                    continue
                 port = free_port()
-                cfg = write_node_config(work / "node.toml", port, work / "node-data",
-                                        [Peer("scu", "STORESCU"), Peer("echo", "ECHOSCU")], quiet_period_s=60)
-                receivers["node"] = (port, "DICOMNODE", NodeProcess.start(cfg, port))
+                cfg = write_node_config(work / f"{name}.toml", port, work / f"{name}-data",
+                                        [Peer("scu", "STORESCU"), Peer("echo", "ECHOSCU")], quiet_period_s=60,
+                                        node_extra="fsync = false" if name == "node-nofsync" else "")
+                receivers[name] = (port, "DICOMNODE", NodeProcess.start(cfg, port))
             if "storescp" in which:
                 s = StoreSCP.start(work / "storescp-out", extra=("--ignore",) if False else ())
                 receivers["storescp"] = (s.port, "STORESCP", s)
@@ -75,6 +104,7 @@ def main() -> int:
                         proc.rest("DELETE", f"/studies/{proc.rest('GET', '/studies')[0]}")  # type: ignore[attr-defined]
                     times[name].append(timed_send(info.folder, port, aet))
             rates = {k: args.slices / statistics.median(v) for k, v in times.items()}
+            print(f"durable file write on this disk now: {fsync_cost_ms(work):.1f} ms median")
             print(f"{'receiver':10} {'median s':>9} {'inst/s':>8}   runs (s)")
             for k, v in times.items():
                 print(f"{k:10} {statistics.median(v):9.2f} {rates[k]:8.0f}   {', '.join(f'{x:.2f}' for x in v)}")

@@ -36,6 +36,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from dicomnode.config import Config
 from dicomnode.errors import InstanceRejected
 from dicomnode.net import dimse
+from dicomnode.net.acceptor import AcceptorServer
 from dicomnode.net.security import REJECT_UNKNOWN_CALLER, AllowList, looks_like_tls, server_ssl_context
 from dicomnode.ops.logs import quiet_third_party, series_key
 from dicomnode.store.db import Database
@@ -229,6 +230,7 @@ class StorageSCP:
         self.allow = AllowList.from_config(cfg)
         self.ssl_context: ssl.SSLContext | None = server_ssl_context(cfg)
         self.server: ThreadedAssociationServer | None = None
+        self.fast: AcceptorServer | None = None
         self._thread: threading.Thread | None = None
         self.nodelay_ok: bool | None = None  # TCP_NODELAY as read back from the last accepted socket
         self.stats = {"stored": 0, "duplicates": 0, "rejected": 0, "associations": 0}
@@ -253,11 +255,48 @@ class StorageSCP:
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
+        if self.fast is not None:
+            return self.fast.port
         assert self.server is not None
         return int(self.server.server_address[1])
 
     def start(self) -> None:
-        """Bind ``node.bind_address:node.port`` and serve in a daemon thread; raises OSError."""
+        """Bind ``node.bind_address:node.port`` and serve in a daemon thread; raises OSError.
+
+        ``node.scp_engine = "fast"`` (default) serves with the lean acceptor (``net/ul.py``);
+        ``"pynetdicom"`` with pynetdicom's association machinery. Both store through
+        :meth:`store_instance` with the same checks.
+        """
+        if self.cfg.node.scp_engine == "fast":
+            self._start_fast()
+        else:
+            self._start_pynetdicom()
+        LOG.info("storage SCP listening on %s:%d (AE %s, TLS %s, engine %s)", self.cfg.node.bind_address, self.port,
+                 self.cfg.node.ae_title, "on" if self.ssl_context else "off", self.cfg.node.scp_engine)
+
+    def _start_fast(self) -> None:
+        n = self.cfg.node
+        contexts = {dimse.VERIFICATION: frozenset(dimse.UNCOMPRESSED_TRANSFER_SYNTAXES)}
+        contexts.update({sop: _ACCEPTED_TS for sop in dimse.IMAGE_STORAGE_SOP_CLASSES})
+
+        def prepare(sock: socket.socket) -> socket.socket | None:
+            self.nodelay_ok = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            return self._maybe_tls(sock)
+
+        def store(sop_class: str, sop_uid: str, ts: str, assoc: Any, chunks: list[memoryview]) -> tuple[int, str]:
+            return self.store_instance(sop_class, sop_uid, ts, assoc.calling_ae, assoc.id, chunks)
+
+        def released(assoc: Any) -> None:
+            self._released(assoc.id)
+
+        self.fast = AcceptorServer(
+            address=(n.bind_address, n.port), max_pdu=n.max_pdu, max_associations=n.max_associations,
+            timeout_s=n.network_timeout_s, contexts=contexts, ts_preference=dimse.ACCEPTED_TRANSFER_SYNTAXES,
+            permits=self.allow.permits, store=store, on_release=released, prepare_socket=prepare,
+            impl_uid=str(PYNETDICOM_IMPLEMENTATION_UID), impl_version=IMPLEMENTATION_VERSION.decode())
+        self.fast.start()
+
+    def _start_pynetdicom(self) -> None:
         scp = self
 
         class Handler(RequestHandler):
@@ -300,8 +339,6 @@ class StorageSCP:
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="dicomnode-scp", daemon=True)
         self._thread.start()
-        LOG.info("storage SCP listening on %s:%d (AE %s, TLS %s)", address[0], self.port, self.cfg.node.ae_title,
-                 "on" if self.ssl_context else "off")
 
     def _maybe_tls(self, sock: socket.socket) -> socket.socket | None:
         """Wrap ``sock`` in TLS when its first byte is a TLS handshake; None to drop it."""
@@ -322,6 +359,9 @@ class StorageSCP:
 
     def stop(self) -> None:
         """Stop accepting, abort open associations, close the socket."""
+        if self.fast is not None:
+            self.fast.stop()
+            self.fast = None
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -337,7 +377,9 @@ class StorageSCP:
             self.stats["associations"] += 1
 
     def _on_released(self, event: Any) -> None:
-        assoc_id = getattr(event.assoc, "dicomnode_id", "")
+        self._released(getattr(event.assoc, "dicomnode_id", ""))
+
+    def _released(self, assoc_id: str) -> None:
         try:
             series = self.db.association_released(assoc_id)
         except Exception:  # the series still completes by quiet period
@@ -347,42 +389,55 @@ class StorageSCP:
             self.on_release(series)
 
     def _on_store(self, event: Any) -> int:
+        """pynetdicom C-STORE handler."""
+        req = event.request
+        ds = req.DataSet
+        raw = ds.getbuffer() if hasattr(ds, "getbuffer") else memoryview(ds.getvalue())
+        status, _comment = self.store_instance(
+            str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
+            str(event.context.transfer_syntax), str(event.assoc.requestor.ae_title).strip(),
+            getattr(event.assoc, "dicomnode_id", ""), [raw])
+        return status
+
+    def store_instance(self, sop_class: str, sop_uid: str, ts: str, calling: str, assoc_id: str,
+                       chunks: list[Any]) -> tuple[int, str]:
+        """Store one received data set (``chunks`` = its encoded bytes, as received).
+
+        Returns (status, PHI-free error comment). Never raises: every failure is a status.
+        """
         try:
-            return self._store(event)
+            return self._store(sop_class, sop_uid, ts, calling, assoc_id, chunks), ""
         except InstanceRejected as exc:
             with self._stats_lock:
                 self.stats["rejected"] += 1
             LOG.warning("C-STORE refused 0x%04X: %s", exc.status, exc.reason)
-            return exc.status
+            return exc.status, exc.reason
         except Exception as exc:  # database errors, unexpected OS errors: nothing acknowledged
             with self._stats_lock:
                 self.stats["rejected"] += 1
             LOG.error("C-STORE failed (%s): answered 0xA700", exc.__class__.__name__)
-            return dimse.STATUS_OUT_OF_RESOURCES
+            return dimse.STATUS_OUT_OF_RESOURCES, "node could not store the instance"
 
-    def _store(self, event: Any) -> int:
-        req = event.request
-        sop_class = str(req.AffectedSOPClassUID or "")
-        sop_uid = str(req.AffectedSOPInstanceUID or "")
+    def _store(self, sop_class: str, sop_uid: str, ts: str, calling: str, assoc_id: str, chunks: list[Any]) -> int:
         if sop_class not in dimse.IMAGE_STORAGE_SOP_CLASSES:
             raise InstanceRejected(dimse.STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
         if not valid_uid(sop_uid):
             raise InstanceRejected(dimse.STATUS_CANNOT_UNDERSTAND, "invalid SOP instance UID")
-        ts = str(event.context.transfer_syntax)
-        calling = str(event.assoc.requestor.ae_title).strip()
-        raw = req.DataSet.getbuffer() if hasattr(req.DataSet, "getbuffer") else memoryview(req.DataSet.getvalue())
-        if len(raw) == 0:
+        if ts not in _ACCEPTED_TS:
+            raise InstanceRejected(dimse.STATUS_CANNOT_UNDERSTAND, "transfer syntax not accepted")
+        size = sum(len(c) for c in chunks)
+        if size == 0:
             raise InstanceRejected(dimse.STATUS_CANNOT_UNDERSTAND, "empty dataset")
         meta_bytes = file_meta_bytes(sop_class, sop_uid, ts, calling)
-        h = parse_header(meta_bytes + bytes(raw), sop_class=sop_class, sop_instance=sop_uid)
+        h = parse_header(b"".join((meta_bytes, *chunks)), sop_class=sop_class, sop_instance=sop_uid)
         rel = self.spool.relative_path(h["study"], h["series"], sop_uid)
-        size = self.spool.write(rel, (meta_bytes, raw))
+        size = self.spool.write(rel, (meta_bytes, *chunks))
         meta = InstanceMeta(
             sop_instance_uid=sop_uid, sop_class_uid=sop_class, series_instance_uid=h["series"],
             study_instance_uid=h["study"], transfer_syntax_uid=ts, modality=h["modality"], path=rel,
             size_bytes=size, instance_number=h["number"], position=h["position"],  # type: ignore[arg-type]
             orientation=h["orientation"], frames=h["frames"], frame_of_reference_uid=h["for_uid"],
-            calling_ae=calling, association_id=getattr(event.assoc, "dicomnode_id", ""), received_at=time.time(),
+            calling_ae=calling, association_id=assoc_id, received_at=time.time(),
         )
         new = self.db.add_instance(meta)
         with self._stats_lock:
