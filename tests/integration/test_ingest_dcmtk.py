@@ -31,13 +31,15 @@ from tests.peers import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+@pytest.fixture(scope="module", params=["fast", "pynetdicom"])
+def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """The node with each SCP engine (the lean upper layer and pynetdicom's)."""
     require_tool("storescu")
     d = tmp_path_factory.mktemp("node")
     port = free_port()
     cfg = write_node_config(d / "node.toml", port, d / "data",
-                            [Peer("scu", "STORESCU"), Peer("echo", "ECHOSCU")], quiet_period_s=30)
+                            [Peer("scu", "STORESCU"), Peer("echo", "ECHOSCU")], quiet_period_s=30,
+                            node_extra=f'scp_engine = "{request.param}"')
     with NodeProcess.start(cfg, port) as n:
         yield n
 
@@ -172,7 +174,8 @@ def test_unparseable_dataset_gets_failure_and_no_file(node: NodeProcess, tmp_pat
     assert not list((node.config.parent / "data" / "spool" / ".tmp").iterdir())
 
 
-def test_tcp_nodelay_on_accepted_sockets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
+def test_tcp_nodelay_on_accepted_sockets(tmp_path: Path, engine: str) -> None:
     """The SCP sets TCP_NODELAY on the socket it accepted (read back from the real socket)."""
     from dicomnode.config import parse_config
     from dicomnode.net.scp import StorageSCP
@@ -180,7 +183,7 @@ def test_tcp_nodelay_on_accepted_sockets(tmp_path: Path) -> None:
     from dicomnode.store.spool import Spool
     from tests.peers import echo
 
-    cfg = parse_config({"node": {"port": 0, "min_free_bytes": 0},
+    cfg = parse_config({"node": {"port": 0, "min_free_bytes": 0, "scp_engine": engine},
                         "peers": [{"name": "e", "ae_title": "ECHOSCU", "may_send": True}]})
     db = SqliteDatabase(tmp_path / "s.db")
     scp = StorageSCP(cfg, db, Spool(tmp_path / "spool"))
