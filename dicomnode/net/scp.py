@@ -37,6 +37,7 @@ from dicomnode.config import Config
 from dicomnode.errors import InstanceRejected
 from dicomnode.net import dimse
 from dicomnode.net.acceptor import AcceptorServer
+from dicomnode.net.header import scan_header, split_multi
 from dicomnode.net.security import REJECT_UNKNOWN_CALLER, AllowList, looks_like_tls, server_ssl_context
 from dicomnode.ops.logs import quiet_third_party, series_key
 from dicomnode.store.db import Database
@@ -88,19 +89,38 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n and all(v == v and abs(v) < 1e7 for v in out) else None
 
 
+_KEYS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "InstanceNumber",
+         "ImagePositionPatient", "ImageOrientationPatient", "FrameOfReferenceUID", "NumberOfFrames")
+
+
 def parse_header(part10: bytes, *, sop_class: str, sop_instance: str) -> dict[str, Any]:
-    """The header fields the node keeps, from a Part-10 byte string; pixel data is never read.
+    """The header fields the node keeps, from a Part-10 byte string (pydicom); pixel data is never read.
 
     Raises InstanceRejected 0xC000 when unparseable or a UID is invalid, 0xA900 when the dataset
     contradicts the command or lacks a type 1 UID.
     """
     try:
         ds = pydicom.dcmread(BytesIO(part10), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        vals = {k: ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                                        "Modality", "InstanceNumber", "ImagePositionPatient",
-                                        "ImageOrientationPatient", "FrameOfReferenceUID", "NumberOfFrames")}
+        vals = {k: ds.get(k) for k in _KEYS}
     except Exception as exc:  # pydicom raises many types on hostile input
         raise InstanceRejected(dimse.STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed") from exc
+    return _checked(vals, sop_class, sop_instance)
+
+
+def header_from_chunks(chunks: list[Any], ts: str, meta_bytes: bytes, *, sop_class: str,
+                       sop_instance: str) -> dict[str, Any]:
+    """Like :func:`parse_header` for a received data set: the fast scanner on its first fragment
+    (``net/header.py``), pydicom on the whole Part-10 bytes when the scanner is not sure."""
+    raw = scan_header(chunks[0], ts) if chunks else None
+    if raw is None:
+        return parse_header(b"".join((meta_bytes, *chunks)), sop_class=sop_class, sop_instance=sop_instance)
+    vals: dict[str, Any] = {k: raw.get(k) for k in _KEYS}
+    for k in ("ImagePositionPatient", "ImageOrientationPatient"):
+        vals[k] = split_multi(vals[k])
+    return _checked(vals, sop_class, sop_instance)
+
+
+def _checked(vals: dict[str, Any], sop_class: str, sop_instance: str) -> dict[str, Any]:
     for key in ("StudyInstanceUID", "SeriesInstanceUID"):
         if not vals[key]:
             raise InstanceRejected(dimse.STATUS_DATASET_MISMATCH, f"{key} missing")
@@ -429,7 +449,7 @@ class StorageSCP:
         if size == 0:
             raise InstanceRejected(dimse.STATUS_CANNOT_UNDERSTAND, "empty dataset")
         meta_bytes = file_meta_bytes(sop_class, sop_uid, ts, calling)
-        h = parse_header(b"".join((meta_bytes, *chunks)), sop_class=sop_class, sop_instance=sop_uid)
+        h = header_from_chunks(chunks, ts, meta_bytes, sop_class=sop_class, sop_instance=sop_uid)
         rel = self.spool.relative_path(h["study"], h["series"], sop_uid)
         size = self.spool.write(rel, (meta_bytes, *chunks))
         meta = InstanceMeta(
