@@ -197,12 +197,14 @@ def make_atlas(masks_full: Sequence[np.ndarray] | np.ndarray, spacing: Iterable[
     lowers, crops = [], []
     for c in range(N_CLASSES):
         m = np.asarray(masks_full[c], np.float32)
-        nz = np.argwhere(m >= min_prob)
-        if len(nz) == 0:
+        keep = m >= min_prob
+        spans = [np.flatnonzero(np.any(keep, axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
+        if any(len(sp) == 0 for sp in spans):
             lowers.append(np.zeros(3, np.int64))
             crops.append(np.zeros((1, 1, 1), np.float32))
             continue
-        lo, hi = nz.min(axis=0), nz.max(axis=0) + 1
+        lo = np.array([sp[0] for sp in spans])
+        hi = np.array([sp[-1] + 1 for sp in spans])
         crop = m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].copy()
         crop[crop < min_prob] = 0.0
         lowers.append(lo.astype(np.int64))
@@ -259,12 +261,22 @@ def load_atlas(path: Path) -> Atlas:
 
 def atlas_from_labels(labels: Volume, built_from: str = "") -> Atlas:
     """A one-map 'atlas' (hard masks) of a label Volume, centred on its grid; used while building."""
+    from scipy import ndimage
+
     fg = frame_aligned(labels)
-    arr = fg.array
+    arr = np.where((fg.array >= 0) & (fg.array <= N_CLASSES), fg.array, 0).astype(np.int32)
     shape = arr.shape
     origin = -(np.asarray(shape) - 1) / 2.0 * fg.spacing
-    masks = [(arr == c).astype(np.float32) for c in range(1, N_CLASSES + 1)]
-    return make_atlas(masks, fg.spacing, origin, built_from)
+    objects = ndimage.find_objects(arr, max_label=N_CLASSES)
+    lowers, crops = [], []
+    for c, sl in enumerate(objects, start=1):
+        if sl is None:
+            lowers.append(np.zeros(3, np.int64))
+            crops.append(np.zeros((1, 1, 1), np.float32))
+            continue
+        lowers.append(np.array([s.start for s in sl], np.int64))
+        crops.append((arr[sl] == c).astype(np.float32))
+    return _finish(tuple(int(v) for v in shape), fg.spacing, origin, np.array(lowers), crops, built_from)  # type: ignore[arg-type]
 
 
 # ---- building (two passes) -------------------------------------------------------------------
@@ -289,8 +301,10 @@ def _warp_counts(labels: Volume, reg: "object", grid_shape: tuple[int, int, int]
 
 def _average(maps: Sequence[Volume], regs: Sequence[object], grid_shape: tuple[int, int, int], spacing: np.ndarray,
              origin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    counts = np.zeros((N_CLASSES,) + grid_shape, np.uint16)
-    cover = np.zeros(grid_shape, np.uint16)
+    if len(maps) > 255:
+        raise ValueError("at most 255 label maps per atlas")
+    counts = np.zeros((N_CLASSES,) + grid_shape, np.uint8)
+    cover = np.zeros(grid_shape, np.uint8)
     for m, r in zip(maps, regs):
         lab, cov = _warp_counts(m, r, grid_shape, spacing, origin)
         cover += cov
@@ -330,12 +344,12 @@ def build_atlas(maps: Sequence[Volume], *, spacing_mm: float = 3.0, extent_mm: t
     shape = tuple(int(round(e / spacing_mm)) | 1 for e in extent_mm)
     origin = -(np.asarray(shape) - 1) / 2.0 * sp
     counts, cover = _average(maps, regs1, shape, sp, origin)  # type: ignore[arg-type]
-    prov = make_atlas(counts / np.maximum(cover, 1)[None], sp, origin)
+    prov = make_atlas(counts / np.maximum(cover, 1).astype(np.float32)[None], sp, origin)
     regs2 = [register(m, prov, orientation_search=False) for m in maps]
     for i, r in enumerate(regs2):
         say(f"pass 2: map {i + 1}/{len(maps)} dice={r.dice:.3f} scale={np.round(r.scale, 3).tolist()}")
     counts, cover = _average(maps, regs2, shape, sp, origin)  # type: ignore[arg-type]
-    soft = counts / np.maximum(cover, 1)[None]
+    soft = counts / np.maximum(cover, 1).astype(np.float32)[None]
     # crop to the content (+ 30 mm) and put the origin at the centre of the cropped grid
     nz = np.argwhere(soft.max(axis=0) >= 0.02)
     lo = np.maximum(nz.min(axis=0) - int(30 / spacing_mm), 0)

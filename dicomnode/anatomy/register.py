@@ -145,12 +145,12 @@ def _scan_points(anatomy: Volume, probabilities: np.ndarray | None) -> _Scan:
     arr = grid.array
     shape = np.asarray(arr.shape)
     if probabilities is None:
-        lab = arr.astype(np.int64)
+        lab = arr if arr.dtype.kind in "iu" else arr.astype(np.int64)
         sel = (lab >= 1) & (lab <= N_CLASSES)
         idx = np.argwhere(sel)
-        cls = lab[sel] - 1
+        cls = lab[sel].astype(np.int64) - 1
         w = np.ones(len(idx))
-        hard_idx, hard_cls = idx, cls
+        hard = lab
     else:
         probs = np.asarray(probabilities, np.float32)
         if probs.shape[0] == N_CLASSES + 1:
@@ -162,9 +162,7 @@ def _scan_points(anatomy: Volume, probabilities: np.ndarray | None) -> _Scan:
         sel = stack >= 0.05
         cidx = np.argwhere(sel)
         cls, idx, w = cidx[:, 0], cidx[:, 1:], stack[sel].astype(np.float64)
-        strong = stack >= 0.5
-        hidx = np.argwhere(strong)
-        hard_cls, hard_idx = hidx[:, 0], hidx[:, 1:]
+        hard = np.where(stack.max(axis=0) >= 0.5, np.argmax(stack, axis=0) + 1, 0)
     q = idx * grid.spacing + grid.origin - grid.centre
     vox = float(np.prod(grid.spacing))
     tot = np.bincount(cls, weights=w, minlength=N_CLASSES)
@@ -173,11 +171,10 @@ def _scan_points(anatomy: Volume, probabilities: np.ndarray | None) -> _Scan:
     for a in range(3):
         com[:, a] = np.bincount(cls, weights=w * q[:, a], minlength=N_CLASSES) / np.maximum(tot, 1e-9)
     trunc = np.zeros((N_CLASSES, 3, 2), bool)
-    for a in range(3):
-        lo_hit = np.bincount(hard_cls, weights=(hard_idx[:, a] == 0).astype(float), minlength=N_CLASSES)
-        hi_hit = np.bincount(hard_cls, weights=(hard_idx[:, a] == shape[a] - 1).astype(float), minlength=N_CLASSES)
-        trunc[:, a, 0] = lo_hit > 0
-        trunc[:, a, 1] = hi_hit > 0
+    for a in range(3):  # a class is cut by the border when it appears in a face of the grid
+        for e, face in enumerate((np.take(hard, 0, axis=a), np.take(hard, shape[a] - 1, axis=a))):
+            f = face[(face >= 1) & (face <= N_CLASSES)].astype(np.int64)
+            trunc[:, a, e] = np.bincount(f - 1, minlength=N_CLASSES)[:N_CLASSES] > 0
     return _Scan(q, cls.astype(np.int64), w, grid, mass, com, trunc)
 
 

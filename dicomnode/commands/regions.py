@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="node config TOML (default: the embedded config/node.toml)")
     p.add_argument("--atlas", help="atlas .npz (default: [anatomy] atlas_file)")
     p.add_argument("--regions-dir", help="regions folder (default: [anatomy] regions_dir)")
+    p.add_argument("--triton", help='"host:port" of a running Triton, or "local" (default: [triton] url)')
     sub = p.add_subparsers(dest="action", required=True)
     loc = sub.add_parser("locate", help="register a scan and print every region's box")
     loc.add_argument("input", help="DICOM series folder or NIfTI file")
@@ -72,13 +73,27 @@ def _anatomy_labels(path: Path, class_map: str | None) -> Volume:
     return v.with_array(np.where((arr >= 0) & (arr <= N_CLASSES), arr, 0).astype(np.int16))
 
 
-def _infer_anatomy(volume: Volume, cfg: Any) -> Volume:
-    from dicomnode.infer.client import InferenceClient
+def _infer_anatomy(volume: Volume, cfg: Any, triton_url: str | None = None) -> Volume:
+    """anatomy19 labels on the model's canonical 3 mm grid; ``local`` starts Triton for the call.
 
-    if cfg.triton.url == "local":
-        raise SystemExit("error: [triton] url = \"local\": start it with `dicomnode triton` and pass its address in a "
-                         "config, or give --labels")
-    with InferenceClient.from_config(cfg.triton, cfg.triton.url) as client:
+    Raises TransientError (server unavailable) or ModelContractError.
+    """
+    import contextlib
+    import dataclasses
+
+    from dicomnode.infer.client import InferenceClient
+    from dicomnode.infer.server import LocalTriton
+
+    t = dataclasses.replace(cfg.triton, url=triton_url or cfg.triton.url)
+    with contextlib.ExitStack() as stack:
+        if t.url == "local":
+            server = stack.enter_context(LocalTriton(cfg.resource(t.models_dir), cfg.resource(t.venv_dir),
+                                                     t.http_port, t.grpc_port))
+            url = server.grpc_url if t.protocol == "grpc" else server.http_url
+        else:
+            url = t.url
+        client = stack.enter_context(InferenceClient.from_config(t, url))
+        client.check_contract(["anatomy19"])
         return client.segment_native(volume, "anatomy19").labels
 
 
@@ -107,7 +122,7 @@ def run_locate(args: argparse.Namespace) -> int:
     src = Path(args.input)
     volume = _read(src)
     t0 = time.perf_counter()
-    anatomy = _anatomy_labels(Path(args.labels), args.class_map) if args.labels else _infer_anatomy(volume, cfg)
+    anatomy = _anatomy_labels(Path(args.labels), args.class_map) if args.labels else _infer_anatomy(volume, cfg, args.triton)
     t_inf = time.perf_counter() - t0
     t1 = time.perf_counter()
     reg = register(anatomy, atlas)
@@ -140,6 +155,7 @@ def run_locate(args: argparse.Namespace) -> int:
                   "anatomy_source": "labels" if args.labels else "anatomy19 (Triton)"},
         **reg.to_json(),
         "regions": out_regions,
+        "regions_trusted": bool(reg.verified),  # boxes under an unverified orientation assume the header
         "qc": report.to_json(),
         "seconds": {"inference": round(t_inf, 4), "registration": round(t_reg, 4), "cropping": round(t_crop, 4)},
     }
@@ -180,7 +196,7 @@ def run_learn(args: argparse.Namespace) -> int:
         return 2
     pairs: list[tuple[Volume, Volume]] = []
     for a, m in zip(sources, args.masks):
-        anatomy = _anatomy_labels(Path(a), args.class_map) if args.anatomy else _infer_anatomy(_read(Path(a)), cfg)
+        anatomy = _anatomy_labels(Path(a), args.class_map) if args.anatomy else _infer_anatomy(_read(Path(a)), cfg, args.triton)
         pairs.append((anatomy, _mask_from(Path(m), args.mask_labels, args.class_map)))
     if args.phantoms:
         from dicomnode.commands.atlas import _phantom_maps
@@ -210,5 +226,11 @@ def run_learn(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch ``locate`` / ``learn``."""
-    return run_locate(args) if args.action == "locate" else run_learn(args)
+    """Dispatch ``locate`` / ``learn``; exit 1 (with the reason on stderr) when the scan is refused."""
+    from dicomnode.errors import DicomNodeError
+
+    try:
+        return run_locate(args) if args.action == "locate" else run_learn(args)
+    except (DicomNodeError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
