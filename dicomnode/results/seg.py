@@ -25,6 +25,7 @@ from pydicom.sr.codedict import codes
 from dicomnode.config import ResultsConfig
 from dicomnode.errors import SeriesError
 from dicomnode.infer.models import Code, Prediction
+from dicomnode.results.seg_frames import complete_references, fill_frames
 from dicomnode.results.uids import derive_uid
 from dicomnode.volume import SourceFrame, Volume, to_source_grid
 
@@ -75,8 +76,8 @@ def order_source_images(source_datasets: Sequence[Dataset], frames: Sequence[Sou
     return [by_uid[u] for u in uids]
 
 
-def _check_geometry(images: Sequence[Dataset], grid: Volume) -> list[hd.PlanePositionSequence] | None:
-    """Check the single-frame source headers against the source grid; return their plane positions.
+def _check_geometry(images: Sequence[Dataset], grid: Volume) -> np.ndarray | None:
+    """Check the single-frame source headers against the source grid; return their positions (n, 3).
 
     Returns None for a multi-frame source (highdicom reads its positions). Raises SeriesError
     (inconsistent) when the headers do not describe the grid the mask is on.
@@ -103,7 +104,7 @@ def _check_geometry(images: Sequence[Dataset], grid: Volume) -> list[hd.PlanePos
     if not ok:
         raise SeriesError("seg_source_geometry_mismatch", kind="inconsistent",
                           detail="source headers do not match the grid the mask was mapped to")
-    return [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, p) for p in positions]
+    return positions
 
 
 def _segment_descriptions(
@@ -138,10 +139,14 @@ def _segment_descriptions(
     return descriptions, luts
 
 
-def _pixel_array(
+def _label_maps(
     grids: Sequence[Volume], luts: Sequence[np.ndarray], n_segments: int, labelmap: bool
-) -> np.ndarray:
-    """The mask for highdicom: a label map of segment numbers, or (frames, rows, cols, segments) bool."""
+) -> tuple[list[np.ndarray], bool]:
+    """Label maps of segment numbers on the source grid and whether segments overlap.
+
+    One map when the predictions do not overlap (or for LABELMAP, where later models win), else
+    one map per prediction. Raises SeriesError for label values the manifest does not name.
+    """
     dtype = np.uint8 if n_segments < 256 else np.uint16
     mapped = []
     for grid, lut in zip(grids, luts):
@@ -151,24 +156,43 @@ def _pixel_array(
         if arr.size and (arr.min() < 0 or arr.max() >= len(lut)):
             raise SeriesError("seg_label_out_of_range", kind="inconsistent",
                               detail="prediction holds label values its manifest does not name")
-        mapped.append(lut.astype(dtype)[arr])
+        n = len(lut)
+        if arr.dtype == dtype and np.array_equal(lut, np.arange(n)):
+            mapped.append(arr)  # label values are already the segment numbers
+        else:
+            mapped.append(lut.astype(dtype)[arr])
     if len(mapped) == 1:
-        return mapped[0]
+        return mapped, False
     fg = [m > 0 for m in mapped]
     overlap = any(np.any(fg[i] & fg[j]) for i in range(len(fg)) for j in range(i + 1, len(fg)))
-    if not overlap or labelmap:
-        if overlap:
-            log.warning("overlapping predictions in a LABELMAP SEG: later models win where they overlap")
-        out = mapped[0].copy()
-        for m, f in zip(mapped[1:], fg[1:]):
-            out[f] = m[f]
-        return out
-    stack = np.zeros(mapped[0].shape + (n_segments,), dtype=bool)
-    for m in mapped:
+    if overlap and not labelmap:
+        return mapped, True
+    if overlap:
+        log.warning("overlapping predictions in a LABELMAP SEG: later models win where they overlap")
+    out = mapped[0].copy()
+    for m, f in zip(mapped[1:], fg[1:]):
+        out[f] = m[f]
+    return [out], False
+
+
+def _stack(maps: Sequence[np.ndarray], n_segments: int) -> np.ndarray:
+    """(frames, rows, cols, segments) boolean masks from label maps (highdicom's overlapping input)."""
+    stack = np.zeros(maps[0].shape + (n_segments,), dtype=bool)
+    for m in maps:
         for s in np.unique(m):
             if s:
                 stack[..., int(s) - 1] = m == s
     return stack
+
+
+def _template_pixels(shape: tuple[int, ...], n_segments: int, dtype: type) -> np.ndarray:
+    """A label map with one voxel of every segment on the first slice (highdicom makes one frame each)
+    and one of segment 1 on the second."""
+    pix = np.zeros(shape, dtype=dtype)
+    flat = pix[0].reshape(-1)
+    flat[:n_segments] = np.arange(1, n_segments + 1)
+    pix[1].reshape(-1)[0] = 1  # a second slice: positions and references stay per-frame groups
+    return pix
 
 
 def build_seg(
@@ -194,18 +218,21 @@ def build_seg(
         raise SeriesError("seg_predictions_disagree", kind="inconsistent",
                           detail="predictions refer to different source grids")
     images = order_source_images(source_datasets, frames)
-    plane_positions = _check_geometry(images, grids[0])
+    positions = _check_geometry(images, grids[0])
     series_uid = str(images[0].SeriesInstanceUID)
     descriptions, luts = _segment_descriptions(predictions, series_uid, versions)
     labelmap = cfg.seg_type == "LABELMAP"
-    pixels = _pixel_array(grids, luts, len(descriptions), labelmap)
-    if not np.any(pixels):
+    maps, overlap = _label_maps(grids, luts, len(descriptions), labelmap)
+    if not any(np.any(m) for m in maps):
         raise SeriesError("seg_empty", kind="anatomy", detail="no segment has any voxel")
+    fast = (not labelmap and positions is not None and maps[0].shape[0] >= 2
+            and maps[0].shape[1] * maps[0].shape[2] >= len(descriptions))
     kwargs = {}
-    if plane_positions is not None:
+    if positions is not None:
         src = images[0]
         kwargs = {
-            "plane_positions": plane_positions,
+            "plane_positions": [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, p)
+                                for p in (positions[:2] if fast else positions)],
             "plane_orientation": hd.PlaneOrientationSequence(
                 hd.CoordinateSystemNames.PATIENT, [float(v) for v in src.ImageOrientationPatient]),
             "pixel_measures": hd.PixelMeasuresSequence(
@@ -213,8 +240,14 @@ def build_seg(
                 slice_thickness=float(src.get("SliceThickness") or abs(grids[0].spacing[0])),
             ),
         }
+    template_images = images
+    if fast:  # highdicom builds a two-slice, one-frame-per-segment SEG; the frames are added below
+        template_images = images[:2]
+        pixels = _template_pixels((2,) + maps[0].shape[1:], len(descriptions), maps[0].dtype.type)
+    else:
+        pixels = _stack(maps, len(descriptions)) if overlap else maps[0]
     seg = hd.seg.Segmentation(
-        source_images=images,
+        source_images=template_images,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -232,4 +265,13 @@ def build_seg(
         omit_empty_frames=True,
         **kwargs,
     )
+    if fast:
+        normal = np.cross(*np.asarray([float(v) for v in images[0].ImageOrientationPatient]).reshape(2, 3))
+        depth = positions @ normal  # type: ignore[operator]
+        order = np.argsort(depth, kind="stable")
+        steps = np.diff(depth[order])
+        regular = bool(steps.size == 0 or np.allclose(steps, steps[0], atol=POSITION_TOLERANCE_MM))
+        complete_references(seg, images, regular)
+        fill_frames(seg, images, maps, order)
+        seg.SegmentsOverlap = "YES" if overlap else "NO"
     return seg

@@ -3,7 +3,8 @@
 - dicom3tools ``dciodvfy``: no error and no warning, for every SEG and SR;
 - dcmtk ``dsr2xml``: every SR converts;
 - dcmqi ``segimage2itkimage``: reads each SEG back voxel-identical to the mask on the source grid
-  (axial CT, sagittal MR, a cropped region, a reoriented input, overlapping models);
+  (axial CT, sagittal MR, a cropped region, a reoriented input, an odd matrix size,
+  overlapping models);
 - dcmqi ``tid1500reader``: reads each SR, with the measurements it holds.
 """
 from __future__ import annotations
@@ -133,6 +134,12 @@ def _cases() -> list[Case]:
 
     moved = reorient(vol, (2, 0, 1), (0, 2), array=lab)
     cases.append(Case("reoriented", src, vol, [Prediction(moved, manifest())], {1: lab == 1, 2: lab == 2}))
+
+    odd = make_series(shape=(9, 31, 37), spacing=(2.0, 0.9, 0.9))  # rows * columns not a multiple of 8
+    ovol = source_volume(odd)
+    olab = _organs(ovol.shape)
+    cases.append(Case("odd_matrix", odd, ovol, [Prediction(ovol.with_array(olab), manifest())],
+                      {1: olab == 1, 2: olab == 2}))
 
     body = ellipsoid(shape, (6, 16, 20), (5, 14, 18)).astype(np.uint8)
     cases.append(Case("overlapping_models", src, vol,

@@ -154,3 +154,38 @@ def test_wrong_source_headers_are_refused() -> None:
     bad[0, 0, 0] = 7  # a value the manifest does not name
     with pytest.raises(SeriesError, match="out_of_range"):
         build_seg(src, [Prediction(vol.with_array(bad), manifest())], CFG)
+
+
+def test_fast_frames_match_highdicom_per_frame_construction() -> None:
+    """The node's directly encoded frames say what highdicom's own per-frame construction says."""
+    import highdicom as hd
+
+    src = make_series(shape=(12, 31, 37))  # rows * columns not a multiple of 8: bits run across frames
+    vol = source_volume(src)
+    lab = _labels(vol.shape)
+    m = manifest(n_labels=2)
+    fast = build_seg(src, [Prediction(vol.with_array(lab), m)], CFG)
+    ref = hd.seg.Segmentation(
+        src, lab, "BINARY", [hd.seg.SegmentDescription.from_dataset(s) for s in fast.SegmentSequence],
+        fast.SeriesInstanceUID, fast.SeriesNumber, fast.SOPInstanceUID, 1, "x", "x", "1", "1")
+    for keyword in ("SegmentSequence", "SharedFunctionalGroupsSequence", "DimensionIndexSequence",
+                    "ReferencedSeriesSequence", "SourceImageSequence", "NumberOfFrames", "SegmentsOverlap",
+                    "ImageType", "SegmentationType", "BitsAllocated", "PixelRepresentation"):
+        a, b = fast[keyword].value, ref[keyword].value
+        if keyword == "DimensionIndexSequence":  # organisation UIDs are random in highdicom
+            a = [(i.DimensionIndexPointer, i.FunctionalGroupPointer) for i in a]
+            b = [(i.DimensionIndexPointer, i.FunctionalGroupPointer) for i in b]
+        assert a == b, keyword
+
+    def frames(ds):  # (segment, source UID, position) -> packed mask bytes
+        reading = read_seg(ds, src)
+        out = {}
+        for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+            pos = tuple(float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient)
+            out[(int(reading.frame_segments[i]), uid, pos)] = reading.frames[i].tobytes()
+        return out
+
+    assert frames(fast) == frames(ref)
+    dims = [tuple(i.FrameContentSequence[0].DimensionIndexValues) for i in fast.PerFrameFunctionalGroupsSequence]
+    assert len(set(dims)) == len(dims)  # every frame has its own dimension index
