@@ -8,8 +8,9 @@ with each tool, interleaved (medians reported), each in its own process (so peak
 RSS is that process's own, measured with wait4): the node (``read_series_dir`` + ``write_nifti``),
 SimpleITK (``ImageSeriesReader`` + ``WriteImage``) and ``dcm2niix``. All write an uncompressed .nii
 (``--gz``: .nii.gz; dcm2niix then uses pigz if installed, else its internal zlib). Prints wall time
-(process start to exit, including the interpreter start), the in-process conversion time, peak
-RSS, ratios, and the node's peak RSS relative to the volume size. ``--profile`` adds a cProfile of
+(process start to exit, including the interpreter start and imports), CPU time (user + sys: less
+sensitive to other load on the machine), the in-process conversion time (what the node pays per
+series: its imports are paid once at start-up), peak RSS, ratios, and the node's peak RSS relative to the volume size. ``--profile`` adds a cProfile of
 the node's conversion (where the time goes).
 """
 from __future__ import annotations
@@ -69,6 +70,8 @@ def child(tool: str, series: Path, out: Path) -> None:
     """Run one conversion in this process; prints {"convert_s": ...} as the last line."""
     if tool == "node":
         t0 = time.perf_counter()
+        import nibabel  # noqa: F401  (imported by write_nifti: start-up cost, not per-series cost)
+
         from dicomnode.series.convert import read_series_dir, write_nifti
 
         t1 = time.perf_counter()
@@ -103,19 +106,21 @@ def run(cmd: list[str]) -> tuple[float, float, str]:
     return wall, 0.0, out
 
 
-def measured(cmd: list[str]) -> tuple[float, float, str]:
-    """Run ``cmd`` through a tiny runner so wait4 reports this child's own peak RSS."""
+def measured(cmd: list[str]) -> tuple[float, float, float, str]:
+    """(wall s, peak RSS MB, CPU s, stdout) of ``cmd``, run through a tiny runner so that wait4
+    reports this child's own peak RSS and CPU time."""
     runner = (
         "import os,subprocess,sys,time,json\n"
         "t=time.perf_counter(); p=subprocess.Popen(sys.argv[1:],stdout=subprocess.PIPE,text=True)\n"
         "out=p.stdout.read(); _,status,ru=os.wait4(p.pid,0); wall=time.perf_counter()-t\n"
-        "print(out, end=''); print(json.dumps({'wall':wall,'rss_mb':ru.ru_maxrss/1024,'status':status}))\n"
+        "print(out, end=''); print(json.dumps({'wall':wall,'rss_mb':ru.ru_maxrss/1024,'status':status,"
+        "'cpu':ru.ru_utime+ru.ru_stime}))\n"
     )
     wall, _, out = run([sys.executable, "-c", runner, *cmd])
     meta = json.loads(out.strip().splitlines()[-1])
     if meta["status"] != 0:
         raise RuntimeError(f"{cmd[0]} exited with status {meta['status']}")
-    return meta["wall"], meta["rss_mb"], out
+    return meta["wall"], meta["rss_mb"], meta["cpu"], out
 
 
 def main() -> int:
@@ -141,7 +146,7 @@ def main() -> int:
               f"volume {vol_bytes / 2**20:.0f} MiB int16 (generated in {time.perf_counter() - t0:.1f} s)")
         for f in (work / "ct").iterdir():
             f.read_bytes()  # same page-cache state for every tool
-        samples: dict[str, list[tuple[float, float | None, float]]] = {}
+        samples: dict[str, list[tuple[float, float | None, float, float]]] = {}
         me = [sys.executable, str(Path(__file__).resolve()), "--child"]
         tools = ["node", "sitk"] + (["dcm2niix"] if shutil.which("dcm2niix") else [])
         if "dcm2niix" not in tools:
@@ -154,28 +159,32 @@ def main() -> int:
                     d.mkdir()
                     cmd = ["dcm2niix", "-z", "y" if args.gz else "n", "-b", "n", "-f", "ref", "-o", str(d),
                            str(work / "ct")]
-                    wall, rss, _ = measured(cmd)
-                    samples.setdefault(tool, []).append((wall, None, rss))
+                    wall, rss, cpu, _ = measured(cmd)
+                    samples.setdefault(tool, []).append((wall, None, rss, cpu))
                 else:
-                    wall, rss, text = measured([*me, tool, str(work / "ct"), str(out)])
+                    wall, rss, cpu, text = measured([*me, tool, str(work / "ct"), str(out)])
                     info = json.loads(text.strip().splitlines()[-2])
-                    samples.setdefault(tool, []).append((wall, info["convert_s"], rss))
+                    samples.setdefault(tool, []).append((wall, info["convert_s"], rss, cpu))
                 out.unlink(missing_ok=True)
         rows = {
             tool: (statistics.median(s[0] for s in ss),
                    statistics.median(s[1] for s in ss) if ss[0][1] is not None else None,
-                   max(s[2] for s in ss))
+                   max(s[2] for s in ss),
+                   statistics.median(s[3] for s in ss))
             for tool, ss in samples.items()
         }
         print(f"(medians of {args.repeat} interleaved runs; peak RSS = max)")
-        print(f"\n{'tool':<10} {'wall s':>8} {'convert s':>10} {'peak RSS MB':>12}")
-        for tool, (wall, conv, rss) in rows.items():
-            print(f"{tool:<10} {wall:8.2f} {conv if conv is not None else float('nan'):10.2f} {rss:12.0f}")
+        print(f"\n{'tool':<10} {'wall s':>8} {'CPU s':>7} {'in-process s':>13} {'peak RSS MB':>12}")
+        for tool, (wall, conv, rss, cpu) in rows.items():
+            conv_s = f"{conv:13.2f}" if conv is not None else f"{'-':>13}"
+            print(f"{tool:<10} {wall:8.2f} {cpu:7.2f} {conv_s} {rss:12.0f}")
         if "node" in rows:
-            node_wall, _, node_rss = rows["node"]
+            node_wall, node_conv, node_rss, node_cpu = rows["node"]
             for other in ("dcm2niix", "sitk"):
                 if other in rows:
-                    print(f"node / {other} wall time: {node_wall / rows[other][0]:.2f}")
+                    o_wall, _, _, o_cpu = rows[other]
+                    print(f"node / {other}: wall {node_wall / o_wall:.2f}, CPU {node_cpu / o_cpu:.2f}, "
+                          f"node in-process / {other} wall {node_conv / o_wall:.2f}")
             print(f"node peak RSS / volume size: {node_rss * 2**20 / vol_bytes:.2f} (goal < 2.5)")
         if args.profile:
             import cProfile

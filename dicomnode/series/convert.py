@@ -388,4 +388,7 @@ def write_nifti(volume: Volume, path: Path) -> None:
     with opener(path, "wb", **({"compresslevel": 1} if opener is gzip.open else {})) as fh:  # type: ignore[operator]
         fh.write(hdr.binaryblock)
         fh.write(b"\x00" * 4)  # no extensions
-        fh.write(memoryview(arr.reshape(-1)).cast("B"))
+        flat = memoryview(arr.reshape(-1)).cast("B")
+        step = 16 << 20  # chunks: gzip would otherwise hold the whole compressed volume in memory
+        for start in range(0, len(flat), step):
+            fh.write(flat[start:start + step])

@@ -6,6 +6,7 @@ Example counts are CI-sized; ``HYPOTHESIS_PROFILE=nightly`` multiplies them by 2
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -178,3 +179,40 @@ def test_every_supported_transfer_syntax(syntax, enhanced, signed, bits, n, data
 
 def test_every_supported_syntax_is_exercised_above() -> None:
     assert set(SUPPORTED_TRANSFER_SYNTAXES) == set(ALL_SYNTAXES)
+
+
+@examples(40)
+@given(syntax=st.sampled_from(["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]), undefined=st.booleans(),
+       nested=st.booleans(), private=st.booleans(), signed=st.booleans())
+def test_fast_header_scan_agrees_with_pydicom(syntax, undefined, nested, private, signed) -> None:
+    """The raw element walk (plain files) describes every frame exactly as the pydicom path does."""
+    from dicomnode.series import frames as F
+
+    with _Dir() as d:
+        stack = make_stack(d, n=2, rows=8, cols=8, syntax=syntax, signed=signed)
+        for p in stack.paths:
+            ds = pydicom.dcmread(p)
+            ref = pydicom.Dataset()
+            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = "1.2.3", "1.2.3.4"
+            if nested:
+                inner = pydicom.Dataset()
+                inner.CodeValue, inner.CodingSchemeDesignator, inner.CodeMeaning = "1", "99X", "x"
+                ref.PurposeOfReferenceCodeSequence = pydicom.Sequence([inner])
+                ref.PurposeOfReferenceCodeSequence.is_undefined_length = undefined
+                inner.is_undefined_length_sequence_item = undefined
+            ref.is_undefined_length_sequence_item = undefined
+            ds.ReferencedImageSequence = pydicom.Sequence([ref, ref])
+            ds.ReferencedImageSequence.is_undefined_length = undefined
+            if private:
+                ds.add_new(0x00091010, "LO", "private")
+                ds.add_new(0x00291010, "OB", b"\x00\x01" * 300)
+            ds.save_as(p)
+            scanned = F._scan(p)
+            assert scanned is not None
+            slow = F._frames_of(pydicom.dcmread(p, defer_size=8192, force=True), p, 10**9)
+            fast = F._frames_of(scanned, p, 10**9)  # type: ignore[arg-type]
+            assert [dataclasses.replace(f, offset=None) for f in fast] == [
+                dataclasses.replace(f, offset=None) for f in slow]
+            off = fast[0].offset  # the scan finds the pixel bytes in the file
+            assert off is not None and p.read_bytes()[off:off + 128] == ds.PixelData
+        assert np.array_equal(read_series(stack.paths).array, stack.expected)
