@@ -9,7 +9,8 @@ hits every variant alike; medians are reported. Two models: ``--model`` from tri
 (default body, the classical model: little compute) and a small random-weight conv net (three
 conv layers, 16 channels: compute per voxel like a light U-Net stage).
 
-A last part decides how volumes are sent: the whole volume in one request vs 64^3 sliding
+A transport-only model (``bench_identity``: output = input twice, the body model's tensor sizes)
+measures the transfer cost by itself. A last part decides how volumes are sent: the whole volume in one request vs 64^3 sliding
 windows (overlap 0.5), one window per request vs 4 per request (conv net, shared memory).
 
     .venv/bin/python benchmarks/triton.py [--model body] [--repeats 15] [--json OUT.json]
@@ -65,6 +66,27 @@ def convnet_onnx(k: int = 3, width: int = 16, seed: int = 0) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def identity_onnx() -> bytes:
+    """INPUT [N,1,Z,Y,X] -> OUTPUT [N,2,Z,Y,X] = (x, x): no compute, the body model's tensor sizes."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["INPUT", "INPUT"], ["OUTPUT"], axis=1)], "identity2",
+        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["N", 1, "Z", "Y", "X"])],
+        [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["N", 2, "Z", "Y", "X"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def identity_manifest() -> dict[str, Any]:
+    """Manifest of the transport-only model (1 channel in, 2 out)."""
+    m = convnet_manifest()
+    return {**m, "name": "bench_identity", "description": "BENCHMARK ONLY: copies its input twice",
+            "labels": m["labels"][:1], "output_kind": "probabilities"}
 
 
 def convnet_manifest() -> dict[str, Any]:
@@ -193,6 +215,7 @@ def main() -> int:
         repo = tmp / "models"
         shutil.copytree(ROOT / "triton_models" / args.model, repo / args.model)
         write_model_dir(repo, convnet_manifest(), convnet_onnx(), gpu_dir=None)
+        write_model_dir(repo, identity_manifest(), identity_onnx(), gpu_dir=None)
         vol = load_input(CT)
         print(f"volume {vol.shape} at {tuple(round(s, 2) for s in vol.spacing)} mm; {args.repeats} interleaved rounds")
         results: dict[str, Any] = {"volume": list(vol.shape), "models": {}}
@@ -202,7 +225,7 @@ def main() -> int:
                 "c_triton_http": InferenceClient(srv.http_url, "http", "off", models_dir=repo),
                 "d_triton_grpc": InferenceClient(srv.grpc_url, "grpc", "off", models_dir=repo),
             }
-            for model in (args.model, "bench_convnet"):
+            for model in ("bench_identity", args.model, "bench_convnet"):
                 results["models"][model] = transport(model, repo, vol, clients, args.repeats)
             results["tiling_ms"] = tiling_choice(clients["b_triton_shm"], vol)
             for c in clients.values():
