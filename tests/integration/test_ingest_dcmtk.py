@@ -195,3 +195,61 @@ def test_tcp_nodelay_on_accepted_sockets(tmp_path: Path, engine: str) -> None:
     finally:
         scp.stop()
         db.close()
+
+
+def test_quota_reached_gives_a700_and_no_partial_file(tmp_path: Path) -> None:
+    """Over ``node.quota_bytes`` the node answers 0xA700 (out of resources) and keeps no file."""
+    info = make_ct_series(tmp_path / "ct", n=10, rows=64, cols=64)
+    per_file = info.files[0].stat().st_size
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node.toml", port, tmp_path / "data",
+                            [Peer("scu", "STORESCU"), Peer("echo", "ECHOSCU")],
+                            node_extra=f"quota_bytes = {int(per_file * 3.5)}")
+    with NodeProcess.start(cfg, port) as node:
+        r = storescu(info.folder, port)
+        out = r.stderr + r.stdout
+        assert len(acked_files(out)) == 3
+        assert "Refused: OutOfResources" in out, out[-1500:]
+        files = list((tmp_path / "data" / "spool").rglob("*.dcm"))
+        assert len(files) == 3
+        assert not list((tmp_path / "data" / "spool" / ".tmp").iterdir())
+        assert "refused 0xA700" in node.log.read_text()
+
+
+def test_operator_commands_echo_send_and_graceful_stop(node: NodeProcess, tmp_path: Path) -> None:
+    """``dicomnode echo`` / ``dicomnode send`` against real peers (the node itself and dcmtk storescp)."""
+    from tests.peers import DICOMNODE, StoreSCP
+
+    # the node's peers allow ECHOSCU/STORESCU: use a config whose own AE title is STORESCU
+    cfg = tmp_path / "sender.toml"
+    cfg.write_text(f'[node]\nae_title = "STORESCU"\n[[peers]]\nname = "node"\nae_title = "DICOMNODE"\n'
+                   f'host = "127.0.0.1"\nport = {node.port}\n')
+    r = subprocess.run([str(DICOMNODE), "echo", "node", "--config", str(cfg)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "0x0000" in r.stdout, r.stderr
+    info = make_ct_series(tmp_path / "ct", n=12, rows=32, cols=32)
+    r = subprocess.run([str(DICOMNODE), "send", str(info.folder), "--to", "node", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "sent 12/12" in r.stdout, r.stdout + r.stderr
+    assert wait_for(lambda: _series(node, info.series_uid) is not None
+                    and _series(node, info.series_uid)[0] == "complete", 10)
+    with StoreSCP.start(tmp_path / "scp-out") as scp:
+        r = subprocess.run([str(DICOMNODE), "send", str(info.folder), "--to", f"STORESCP@127.0.0.1:{scp.port}"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        received = [p for p in (tmp_path / "scp-out").iterdir() if p.is_file()]
+        assert len(received) == 12
+        assert {pydicom.dcmread(p).SOPInstanceUID for p in received} == set(info.sop_uids)
+    bad = subprocess.run([str(DICOMNODE), "echo", "STRANGER@127.0.0.1:1"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 1
+
+
+def test_serve_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node.toml", port, tmp_path / "data", [Peer("echo", "ECHOSCU")])
+    node = NodeProcess.start(cfg, port)
+    node.proc.send_signal(15)
+    assert node.proc.wait(20) == 0
+    node.stop()
+    assert "node stopped" in node.log.read_text()
