@@ -208,3 +208,21 @@ def test_orientation_with_the_anatomy19_model(atlas, ts, anatomy_client):
 
 
 from tests.triton_fixture import triton_repo, triton_server  # noqa: E402,F401  (fixtures for the model tests)
+
+
+def test_regions_learn_command_on_the_real_labels(ts, tmp_path):
+    """`dicomnode regions learn` from example_ct's labels writes a region holding all of its liver."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", "regions", "learn",
+         "--anatomy", str(ts / "example_seg_fast_force_split.nii.gz"),
+         "--masks", str(ts / "example_seg_fast_force_split.nii.gz"), "--class-map", str(ts / "class_maps.json"),
+         "--mask-labels", "liver", "--name", "liver_test", "--threshold", "0", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    region = load_regions(tmp_path)["liver_test"]
+    assert region.n_scans == 1 and "example_seg_fast_force_split" in region.learned_from
+    atlas = load_atlas(ROOT / "config" / "atlas" / "atlas19.npz")
+    cmap = load_totalseg_class_map(ts / "class_maps.json")
+    raw, lab = _labels(ts / "example_seg_fast_force_split.nii.gz", cmap)
+    crop = crop_region(raw, register(lab, atlas), region, lab)
+    assert box_voxels_inside(np.asarray(raw.array) == 5, crop.lower, crop.upper) == 1.0

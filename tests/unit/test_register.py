@@ -177,3 +177,20 @@ def test_two_pass_atlas_build_from_phantoms(tmp_path):
     assert again.shape == small.shape and np.allclose(again.com, small.com, atol=1.0)
     r = register(_phantom(7004), again)
     assert r.verified and not r.reoriented and r.dice > 0.4
+
+
+def test_soft_probabilities_give_the_same_registration(atlas):
+    """probabilities= (20 channels, smoothed one-hot) lead to the same orientation and a close transform."""
+    from scipy import ndimage
+
+    vol = _phantom(2077, fov="abdomen")
+    arr = np.asarray(vol.array)
+    probs = np.stack([ndimage.uniform_filter((arr == c).astype(np.float32), 3) for c in range(N_CLASSES + 1)])
+    probs /= probs.sum(axis=0, keepdims=True)
+    hard = register(vol, atlas)
+    soft = register(vol, atlas, probabilities=probs)
+    assert soft.verified == hard.verified and (soft.rotation_k, soft.z_flip) == (hard.rotation_k, hard.z_flip)
+    assert np.allclose(soft.scale, hard.scale, atol=0.05)
+    assert np.allclose(soft.translation, hard.translation, atol=15.0)
+    with pytest.raises(ValueError):
+        register(vol, atlas, probabilities=probs[:, :-1])
