@@ -115,7 +115,8 @@ class Registration:
                           "scale": [round(float(v), 5) for v in self.scale],
                           "translation_mm": [round(float(v), 3) for v in self.translation],
                           "centre_lps_mm": [round(float(v), 3) for v in self.centre],
-                          "residual_mm": round(float(self.residual), 3), "dice": round(float(self.dice), 4),
+                          "residual_mm": round(float(self.residual), 3) if np.isfinite(self.residual) else None,
+                          "dice": round(float(self.dice), 4),
                           "iterations": int(self.iterations)},
         }
 
