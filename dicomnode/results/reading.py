@@ -100,7 +100,9 @@ def _segments(seg: Dataset) -> tuple[SegmentInfo, ...]:
 def source_grid(source_datasets: Sequence[Dataset]) -> tuple[list[Dataset], Volume]:
     """Single-frame source datasets sorted along their normal, and their grid as an empty Volume.
 
-    Raises ValueError for an empty, multi-orientation or irregular stack.
+    For a stack with gaps or uneven spacing the affine is nominal (first two slices) and every
+    ``grid.source[i].position`` holds the slice's real position. Raises ValueError for an empty or
+    multi-orientation stack, or two slices at one position.
     """
     if not source_datasets:
         raise ValueError("no source datasets")
@@ -111,14 +113,15 @@ def source_grid(source_datasets: Sequence[Dataset]) -> tuple[list[Dataset], Volu
     ordered = sorted(source_datasets, key=lambda d: float(np.dot(normal, [float(v) for v in d.ImagePositionPatient])))
     pos = np.array([[float(v) for v in d.ImagePositionPatient] for d in ordered])
     step = (pos[1] - pos[0]) if len(ordered) > 1 else normal * float(ordered[0].get("SliceThickness") or 1.0)
-    if len(ordered) > 1 and not np.allclose(np.diff(pos, axis=0), step, atol=TOLERANCE_MM):
-        raise ValueError("source slices are not regularly spaced")
+    if len(ordered) > 1 and np.min(np.linalg.norm(np.diff(pos, axis=0), axis=1)) < TOLERANCE_MM:
+        raise ValueError("two source slices at one position")
     first = ordered[0]
     aff = affine_from_dicom(pos[0], iop, tuple(float(v) for v in first.PixelSpacing), step)
     grid = Volume(
         array=np.zeros((len(ordered), int(first.Rows), int(first.Columns)), dtype=np.uint8), affine=aff,
         modality=str(first.get("Modality", "")), frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
-        source=tuple(SourceFrame(str(d.SOPClassUID), str(d.SOPInstanceUID), 1) for d in ordered),
+        source=tuple(SourceFrame(str(d.SOPClassUID), str(d.SOPInstanceUID), 1, tuple(float(v) for v in p))
+                     for d, p in zip(ordered, pos)),
     )
     return ordered, grid
 
@@ -158,7 +161,7 @@ def read_seg(seg: Dataset, source_datasets: Sequence[Dataset]) -> SegReading:
         if not np.allclose(ps, [float(v) for v in first.PixelSpacing], rtol=1e-4):
             raise ValueError("SEG pixel spacing differs from the source")
     uid_index = {s.sop_instance_uid: i for i, s in enumerate(grid.source)}
-    inv = np.linalg.inv(grid.affine)
+    slice_pos = np.array([s.position for s in grid.source], dtype=np.float64)
     seg_type = str(seg.get("SegmentationType", "BINARY"))
     n = len(per_frame)
     frame_segments = np.zeros(n, dtype=np.int32)
@@ -173,9 +176,9 @@ def read_seg(seg: Dataset, source_datasets: Sequence[Dataset]) -> SegReading:
                 ref_uid = str(src_items[0].ReferencedSOPInstanceUID)
         if "PlanePositionSequence" in item:
             pos = np.asarray([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient])
-            idx = pos @ inv[:3, :3].T + inv[:3, 3]
-            k = int(round(idx[0]))
-            if not (np.allclose(idx, [k, 0, 0], atol=1e-2) and 0 <= k < grid.shape[0]):
+            dist = np.linalg.norm(slice_pos - pos, axis=1)
+            k = int(np.argmin(dist))
+            if dist[k] > TOLERANCE_MM:
                 raise ValueError(f"SEG frame {i + 1} is not at the position of a source slice")
             if ref_uid is not None and ref_uid in uid_index and uid_index[ref_uid] != k:
                 raise ValueError(f"SEG frame {i + 1} references another slice than its position")

@@ -307,3 +307,25 @@ def test_outbox_command(tmp_path: Path, results, capsys) -> None:
     capsys.readouterr()
     assert cli_main(["outbox", "list", "--config", str(cfg_file)]) == 0
     assert "pending=1" in capsys.readouterr().out
+
+
+def test_no_patient_data_or_uids_in_logs(tmp_path: Path, results, scp_factory, caplog) -> None:
+    import logging
+
+    from dicomnode.ops.logs import quiet_third_party
+
+    quiet_third_party()
+    caplog.set_level(logging.DEBUG)
+    ob = _outbox(tmp_path)
+    ok, bad = scp_factory(), scp_factory(0xC000)
+    for ds in results:
+        ob.enqueue(ds, "ok")
+        ob.enqueue(ds, "bad")
+    ob.enqueue(results[0], "closed")
+    closed = PeerConfig(name="closed", ae_title="NOBODY", port=free_port())
+    Sender(ob, [ok.peer("ok"), bad.peer("bad"), closed], StoreSCU("DICOMNODE", timeout_s=5)).run_once()
+    text = caplog.text
+    assert "dead-lettered" in text and "queued" in text  # the outbox did log
+    for ds in results:
+        for value in (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID, str(ds.PatientName), ds.PatientID):
+            assert str(value) not in text

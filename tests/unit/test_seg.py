@@ -189,3 +189,32 @@ def test_fast_frames_match_highdicom_per_frame_construction() -> None:
     assert frames(fast) == frames(ref)
     dims = [tuple(i.FrameContentSequence[0].DimensionIndexValues) for i in fast.PerFrameFunctionalGroupsSequence]
     assert len(set(dims)) == len(dims)  # every frame has its own dimension index
+
+
+def test_stack_with_a_gap() -> None:
+    """Slices with a gap: frames reference their own slice positions; no Spacing Between Slices
+    (as in highdicom's own construction); the reader places frames by real position."""
+    import highdicom as hd
+
+    from dicomnode.volume import SourceFrame
+
+    src = make_series(shape=(8, 20, 24))
+    for d in src[5:]:
+        p = [float(v) for v in d.ImagePositionPatient]
+        d.ImagePositionPatient = [p[0], p[1], p[2] + 2.5]
+    vol = source_volume(src)
+    vol = dataclasses.replace(vol, source=tuple(
+        SourceFrame(f.sop_class_uid, f.sop_instance_uid, 1, tuple(float(v) for v in d.ImagePositionPatient))
+        for f, d in zip(vol.source, src)))
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[1:7, 5:12, 6:14] = 1
+    lab[3:8, 10:16, 10:20] = 2
+    seg = build_seg(src, [Prediction(vol.with_array(lab), manifest())], CFG)
+    ref = hd.seg.Segmentation(src, lab, "BINARY", [hd.seg.SegmentDescription.from_dataset(s) for s in seg.SegmentSequence],
+                              seg.SeriesInstanceUID, 1, seg.SOPInstanceUID, 1, "x", "x", "1", "1")
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert "SpacingBetweenSlices" not in measures
+    assert measures == ref.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    reading = read_seg(seg, src)
+    for v in (1, 2):
+        assert np.array_equal(reading.mask(v), _expected_by_slice(vol, lab == v, reading))
