@@ -37,6 +37,7 @@ class NodeConfig:
     min_free_bytes: int = 512 * 1024 * 1024  # free disk kept in reserve
     fsync: bool = True  # durable ingest (fsync file + directory before the ack); false only for benchmarks
     scp_engine: Literal["fast", "pynetdicom"] = "fast"  # DICOM upper layer of the Storage SCP
+    max_instance_bytes: int = 2 * 1024**3  # larger data sets abort the association (memory bound)
     require_known_callers: bool = True  # reject calling AEs not in [[peers]] with may_send
     check_caller_host: bool = False  # also require the peer's host to match
     workers: int = 1  # concurrent pipeline runs

@@ -46,8 +46,9 @@ class AcceptorServer:
                  permits: Callable[[str, str], bool], store: StoreHandler,
                  on_release: Callable[[Association], None],
                  prepare_socket: Callable[[socket.socket], socket.socket | None],
-                 impl_uid: str, impl_version: str) -> None:
+                 impl_uid: str, impl_version: str, max_dataset_bytes: int = 2 * 1024**3) -> None:
         self.address = address
+        self.max_dataset_bytes = max_dataset_bytes
         self.max_pdu = max_pdu if max_pdu > 0 else 0xFFFFFFFF
         self.max_associations = max_associations
         self.timeout_s = timeout_s
@@ -202,6 +203,7 @@ class AcceptorServer:
         cmd = bytearray()
         command: dict[int, bytes] | None = None
         chunks: list[memoryview] = []
+        received = 0
         ctx = 0
         while True:
             pdu_type, body = self._read_pdu(sock, self.max_pdu)
@@ -238,9 +240,13 @@ class AcceptorServer:
                     if command is None or pctx != ctx:
                         raise ProtocolError("data set without its command")
                     chunks.append(data)
+                    received += len(data)
+                    if received > self.max_dataset_bytes:
+                        LOG.warning("data set over %d bytes: association aborted", self.max_dataset_bytes)
+                        raise ProtocolError("data set too large")
                     if hdr & 0x02:
                         self._dispatch(sock, assoc, ctx, command, chunks)
-                        command, chunks = None, []
+                        command, chunks, received = None, [], 0
 
     def _dispatch(self, sock: socket.socket, assoc: Association, ctx: int, command: dict[int, bytes],
                   chunks: list[memoryview]) -> None:
@@ -252,7 +258,10 @@ class AcceptorServer:
         elif field_ == C_STORE_RQ and chunks:
             sop_class = _uid(command.get(0x0002, b"")) or abstract
             sop_uid = _uid(command.get(0x1000, b""))
-            status, comment = self.store(sop_class, sop_uid, ts, assoc, chunks)
+            if sop_class != abstract:
+                status, comment = 0x0122, "SOP class differs from the presentation context"
+            else:
+                status, comment = self.store(sop_class, sop_uid, ts, assoc, chunks)
             rsp = encode_response(C_STORE_RSP, msg_id, sop_class, status, sop_uid, comment)
         else:
             raise ProtocolError("unsupported DIMSE command")

@@ -313,7 +313,8 @@ class StorageSCP:
             address=(n.bind_address, n.port), max_pdu=n.max_pdu, max_associations=n.max_associations,
             timeout_s=n.network_timeout_s, contexts=contexts, ts_preference=dimse.ACCEPTED_TRANSFER_SYNTAXES,
             permits=self.allow.permits, store=store, on_release=released, prepare_socket=prepare,
-            impl_uid=str(PYNETDICOM_IMPLEMENTATION_UID), impl_version=IMPLEMENTATION_VERSION.decode())
+            impl_uid=str(PYNETDICOM_IMPLEMENTATION_UID), impl_version=IMPLEMENTATION_VERSION.decode(),
+            max_dataset_bytes=n.max_instance_bytes)
         self.fast.start()
 
     def _start_pynetdicom(self) -> None:

@@ -149,3 +149,18 @@ def test_tls_required(tmp_path: Path, pki: Path) -> None:
         time.sleep(0.2)
         r2 = storescu(info.folder, port, extra=tls_args)
         assert r2.returncode == 0
+
+
+def test_oversized_data_set_aborts_and_stores_nothing(tmp_path: Path) -> None:
+    """``node.max_instance_bytes`` bounds the memory one C-STORE may take."""
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node.toml", port, tmp_path / "data",
+                            [Peer("scu", "STORESCU"), Peer("echo", "ECHOSCU")], node_extra="max_instance_bytes = 100000")
+    big = make_ct_series(tmp_path / "big", n=1, rows=256, cols=256)  # 131 kB of pixels
+    small = make_ct_series(tmp_path / "small", n=1, rows=64, cols=64)
+    with NodeProcess.start(cfg, port) as node:
+        r = storescu(big.folder, port)
+        assert r.returncode != 0 and not acked_files(r.stderr)
+        assert "data set over 100000 bytes" in node.log.read_text()
+        assert not list((tmp_path / "data" / "spool").rglob("*.dcm"))
+        assert storescu(small.folder, port).returncode == 0  # still serving
