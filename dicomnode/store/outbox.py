@@ -104,6 +104,7 @@ class OutboxStore(Protocol):
     def reset(self, ids: Sequence[int] | None, states: Sequence[str], destination: str | None, now: float) -> int: ...
     def delete(self, states: Sequence[str], older_than: float) -> list[str]: ...
     def referenced(self, path: str) -> bool: ...
+    def counts(self) -> dict[str, int]: ...
     def close(self) -> None: ...
 
 
@@ -219,6 +220,9 @@ class SqliteOutboxStore:
 
     def referenced(self, path: str) -> bool:
         return self._conn().execute("SELECT 1 FROM outbox WHERE path=? LIMIT 1", (path,)).fetchone() is not None
+
+    def counts(self) -> dict[str, int]:
+        return {str(k): int(n) for k, n in self._conn().execute("SELECT state, COUNT(*) FROM outbox GROUP BY state")}
 
     def close(self) -> None:
         with self._lock:
@@ -374,8 +378,7 @@ class Outbox:
     def counts(self) -> dict[str, int]:
         """Number of entries per state."""
         out = {s: 0 for s in STATES}
-        for e in self.store.list((), None, 1_000_000):
-            out[e.state] = out.get(e.state, 0) + 1
+        out.update(self.store.counts())
         return out
 
     def _require(self, entry_id: int) -> OutboxEntry:
