@@ -79,40 +79,47 @@ def ensure_venv(venv_dir: Path, requirements: Path = REQUIREMENTS) -> None:
     stamp.write_text(want + "\n")
 
 
-def _venv_facts(venv_dir: Path) -> tuple[Path, str, str]:
-    """(site-packages, python 'X.Y', LIBDIR of the venv's base interpreter)."""
+def _venv_facts(venv_dir: Path) -> tuple[Path, str, str, str]:
+    """(site-packages, python 'X.Y', LIBDIR of the venv's base interpreter, nvidia-pytriton version)."""
     code = (
-        "import sys, sysconfig, json;"
+        "import sys, sysconfig, json, importlib.metadata as md;"
         "print(json.dumps([sysconfig.get_paths()['purelib'], '%d.%d' % sys.version_info[:2],"
-        " sysconfig.get_config_var('LIBDIR') or '']))"
+        " sysconfig.get_config_var('LIBDIR') or '', md.version('nvidia-pytriton')]))"
     )
     out = subprocess.run([str(_venv_python(venv_dir)), "-c", code], capture_output=True, text=True, check=True)
-    sp, ver, libdir = json.loads(out.stdout)
-    return Path(sp), ver, libdir
+    sp, ver, libdir, pytriton = json.loads(out.stdout)
+    return Path(sp), ver, libdir, pytriton
 
 
 def ensure_server_tree(venv_dir: Path) -> tuple[Path, dict[str, str]]:
-    """Assemble ``<venv>/dicomnode-tritonserver`` and return it with the environment to run it in.
+    """Assemble ``<venv>/dicomnode-tritonserver-<pytriton>-py<X.Y>``; return it and the environment to run it in.
 
-    Copies the wheel's ``pytriton/tritonserver`` tree once and puts the python backend stub for the
-    venv's Python into ``backends/python/``. Raises RuntimeError when the wheel lacks either.
+    Copies the wheel's ``pytriton/tritonserver`` tree once per nvidia-pytriton/Python version and
+    puts the python backend stub for the venv's Python into ``backends/python/``. Raises
+    RuntimeError when the wheel lacks either.
     """
-    sp, ver, libdir = _venv_facts(venv_dir)
+    sp, ver, libdir, pytriton = _venv_facts(venv_dir)
     src = sp / "pytriton" / "tritonserver"
     stub = src / "python_backend_stubs" / ver / "triton_python_backend_stub"
     if not (src / "bin" / "tritonserver").exists() or not stub.exists():
         raise RuntimeError(f"nvidia-pytriton in {venv_dir} has no tritonserver or no stub for Python {ver}")
-    dst = venv_dir / SERVER_DIRNAME
-    marker = dst / ".complete"
+    dst = venv_dir / f"{SERVER_DIRNAME}-{pytriton}-py{ver}"  # a new folder per version: never
+    marker = dst / ".complete"  # replaced under a running server
+    stamp = f"python {ver} nvidia-pytriton {pytriton}\n"
     if not marker.exists():
         if dst.exists():
             shutil.rmtree(dst)
         tmp = Path(tempfile.mkdtemp(prefix=".tritonserver-", dir=venv_dir))
         shutil.copytree(src, tmp / "t", ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
         shutil.copy2(stub, tmp / "t" / "backends" / "python" / "triton_python_backend_stub")
-        (tmp / "t" / ".complete").write_text(ver + "\n")
-        os.replace(tmp / "t", dst)
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "t" / ".complete").write_text(stamp)
+        try:
+            os.replace(tmp / "t", dst)
+        except OSError:
+            if not marker.exists():  # not a concurrent start that finished first
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "LD_"))}
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(sp / "nvidia_pytriton.libs"), libdir) if p)
     env["PATH"] = str(venv_dir.resolve() / "bin") + os.pathsep + env.get("PATH", "/usr/bin:/bin")
