@@ -163,6 +163,21 @@ class StageTimer:
             self.timings.append((stage, time.perf_counter() - t0))
 
 
+#: Type 2 patient/study attributes highdicom copies from the source into SEG and SR by attribute
+#: access; scanners and PACS do omit them, which must not fail the job.
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                 "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def _with_type2_defaults(headers: list[Any]) -> list[Any]:
+    """The in-memory headers with missing type 2 attributes present and empty (files untouched)."""
+    for ds in headers:
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, None)
+    return headers
+
+
 def _facts(headers: list[Any]) -> SeriesFacts:
     first = headers[0]
     return SeriesFacts(
@@ -256,7 +271,7 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
         # 1. which pipeline: modality, body part, description from the headers
         with timer("select"):
             paths = ctx.source.paths(job)
-            headers = read_headers(paths)
+            headers = _with_type2_defaults(read_headers(paths))
             pipeline = select_pipeline(cfg.pipelines, _facts(headers))
             if pipeline is None:
                 raise SeriesError("no_pipeline", kind="unsupported",
