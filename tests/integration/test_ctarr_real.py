@@ -226,3 +226,17 @@ def test_regions_learn_command_on_the_real_labels(ts, tmp_path):
     raw, lab = _labels(ts / "example_seg_fast_force_split.nii.gz", cmap)
     crop = crop_region(raw, register(lab, atlas), region, lab)
     assert box_voxels_inside(np.asarray(raw.array) == 5, crop.lower, crop.upper) == 1.0
+
+
+def test_crops_follow_the_anatomy_in_every_orientation(atlas, ts, class_map):
+    """Rotated/flipped scan, boxes mapped without correcting it: the crop still holds the organ."""
+    raw, lab = _labels(ts / "example_seg_fast_force_split.nii.gz", class_map)
+    regions = load_regions(ROOT / "config" / "regions")
+    by_name = {n: i for i, n in class_map.items()}
+    for k, flip in CONFIGS:
+        moved_lab, moved_raw = _rot(lab, k, flip), _rot(raw, k, flip)
+        reg = register(moved_lab, atlas)
+        for region, names in ORGANS.items():
+            crop = crop_region(moved_raw, reg, regions[region], moved_lab)
+            mask = np.isin(np.asarray(moved_raw.array), [by_name[n] for n in names])
+            assert box_voxels_inside(mask, crop.lower, crop.upper) >= 0.99, (k, flip, region)
