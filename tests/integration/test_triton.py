@@ -232,3 +232,20 @@ def test_client_survives_a_server_restart_and_registers_shared_memory_again(tmp_
             assert client.uses_shared_memory
     finally:
         client.close()
+
+
+def test_a_model_that_fails_to_load_is_named_and_the_server_stopped(tmp_path: Path) -> None:
+    if not (VENV / "bin" / "python").exists():
+        pytest.skip(f"the Triton server venv {VENV} is absent: run scripts/setup.sh")
+    from dicomnode.infer.server import LocalTriton
+    from inference.triton_repo import write_model_dir
+    from tests.triton_fixture import pointwise_manifest, pointwise_onnx
+
+    repo = tmp_path / "models"
+    write_model_dir(repo, pointwise_manifest(), pointwise_onnx(), gpu_dir=None)
+    write_model_dir(repo, pointwise_manifest(name="broken"), pointwise_onnx(), gpu_dir=None)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx graph")
+    server = LocalTriton(repo, VENV, ready_timeout_s=90)
+    with pytest.raises(ModelContractError, match="broken"):
+        server.start()
+    assert server.pid is None and not server.running
