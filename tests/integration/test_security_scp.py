@@ -36,14 +36,15 @@ def _echoscu(port: int, calling: str, extra: tuple[str, ...] = ()) -> subprocess
                           capture_output=True, text=True, timeout=60, env=peer_env(), stdin=subprocess.DEVNULL)
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+@pytest.fixture(scope="module", params=["fast", "pynetdicom"])
+def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """A node with a small association limit and PDU size, with each SCP engine."""
     d = tmp_path_factory.mktemp("sec")
     port = free_port()
     cfg = write_node_config(d / "node.toml", port, d / "data",
                             [Peer("scu", "STORESCU"), Peer("echo", "ECHOSCU"),
                              Peer("results-only", "RESULTSONLY", may_send=False)],
-                            node_extra="max_associations = 2\nmax_pdu = 65536")
+                            node_extra=f'max_associations = 2\nmax_pdu = 65536\nscp_engine = "{request.param}"')
     with NodeProcess.start(cfg, port) as n:
         yield n
 
@@ -123,13 +124,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def test_tls_required(tmp_path: Path, pki: Path) -> None:
+@pytest.mark.parametrize("engine", ["fast", "pynetdicom"])
+def test_tls_required(tmp_path: Path, pki: Path, engine: str) -> None:
     require_tool("storescu")
     port = free_port()
     tls = (f'[tls]\nenabled = true\nrequire = true\ncert_file = "{pki / "server.pem"}"\n'
            f'key_file = "{pki / "server.key"}"\nca_file = "{pki / "ca.pem"}"\n')
     cfg = write_node_config(tmp_path / "node.toml", port, tmp_path / "data",
-                            [Peer("scu", "STORESCU"), Peer("echo", "ECHOSCU")], extra=tls)
+                            [Peer("scu", "STORESCU"), Peer("echo", "ECHOSCU")], extra=tls,
+                            node_extra=f'scp_engine = "{engine}"')
     info = make_ct_series(tmp_path / "ct", n=5, rows=32, cols=32)
     with NodeProcess.start(cfg, port, echo_calling="") as node:
         tls_args = ["+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf", str(pki / "ca.pem")]

@@ -189,3 +189,23 @@ def test_connect_sets_wal_and_busy_timeout(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(sqlite3.Error):
         connect(tmp_path / "o.db", synchronous="NOPE; DROP TABLE x")
+
+
+def test_spool_files_without_rows_are_reindexed(tmp_path: Path) -> None:
+    """After a power loss the last SQLite commits may be gone; the fsync'd files are re-indexed."""
+    from dicomnode.net.scp import index_orphans
+    from tests.peers import make_ct_series
+
+    info = make_ct_series(tmp_path / "ct", n=3, rows=8, cols=8)
+    sp = Spool(tmp_path / "spool")
+    db = SqliteDatabase(tmp_path / "s.db")
+    for f, sop in zip(info.files, info.sop_uids):
+        sp.write(sp.relative_path(info.study_uid, info.series_uid, sop), [f.read_bytes()])
+    bogus = sp.relative_path(info.study_uid, info.series_uid, "1.2.3.999")
+    sp.write(bogus, [b"not dicom at all"])
+    assert index_orphans(db, sp) == 3
+    s = db.get_series(info.series_uid)
+    assert s is not None and s.instance_count == 3 and s.state == "receiving"
+    assert sorted(m.sop_instance_uid for m in db.series_instances(info.series_uid)) == sorted(info.sop_uids)
+    assert not sp.abspath(bogus).exists() and (sp.root / ".orphans" / "1.2.3.999.dcm").exists()
+    assert index_orphans(db, sp) == 0  # idempotent
