@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 
-APT_PKGS="dcmtk orthanc orthanc-dicomweb dicom3tools dcm2niix chromium"
+APT_PKGS="dcmtk orthanc orthanc-dicomweb dicom3tools dcm2niix chromium openssl"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
