@@ -76,27 +76,50 @@ def order_source_images(source_datasets: Sequence[Dataset], frames: Sequence[Sou
     return [by_uid[u] for u in uids]
 
 
-def _check_geometry(images: Sequence[Dataset], grid: Volume) -> np.ndarray | None:
-    """Check the single-frame source headers against the source grid; return their positions (n, 3).
+def _multiframe_geometry(ds: Dataset, frames: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """(positions of ``frames`` (1-based), orientation, pixel spacing) of an enhanced multi-frame image."""
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
+    per_frame = ds.PerFrameFunctionalGroupsSequence
 
-    Returns None for a multi-frame source (highdicom reads its positions). Raises SeriesError
-    (inconsistent) when the headers do not describe the grid the mask is on.
+    def group(i: int, keyword: str) -> Dataset:
+        item = per_frame[i]
+        return (item if keyword in item else shared)[keyword][0]
+
+    positions = np.array([[float(v) for v in group(f - 1, "PlanePositionSequence").ImagePositionPatient]
+                          for f in frames])
+    iop = np.asarray([float(v) for v in group(frames[0] - 1, "PlaneOrientationSequence").ImageOrientationPatient])
+    spacing = [float(v) for v in group(frames[0] - 1, "PixelMeasuresSequence").PixelSpacing]
+    return positions, iop, spacing
+
+
+def _check_geometry(images: Sequence[Dataset], grid: Volume) -> np.ndarray | None:
+    """Check the source headers against the source grid; return single-frame positions (n, 3).
+
+    Returns None for a multi-frame source (highdicom then reads its positions itself). Raises
+    SeriesError (inconsistent) when the headers do not describe the grid the mask is on.
     """
     assert grid.source_shape is not None and grid.source_affine is not None
     n, rows, cols = grid.source_shape
-    if len(images) == 1 and n > 1:
-        return None
     aff = grid.source_affine
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in images])
+    first = images[0]
+    multiframe = len(images) == 1 and n > 1
+    try:
+        if multiframe:
+            positions, iop, spacing = _multiframe_geometry(first, [f.frame for f in grid.source[:n]])
+        else:
+            positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in images])
+            iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
+            spacing = [float(v) for v in first.PixelSpacing]
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise SeriesError("seg_source_geometry_missing", kind="inconsistent",
+                          detail=f"source headers lack geometry: {type(exc).__name__}") from exc
     expected = np.arange(n)[:, None] * aff[:3, 0][None, :] + aff[:3, 3][None, :]
     for i, f in enumerate(grid.source[:n]):  # stacks with gaps/uneven spacing carry each slice's position
         if f.position is not None:
             expected[i] = f.position
-    first = images[0]
-    iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
-    spacing = [float(v) for v in first.PixelSpacing]
     ok = (
         int(first.Rows) == rows and int(first.Columns) == cols
+        and positions.shape == expected.shape
         and np.allclose(positions, expected, atol=POSITION_TOLERANCE_MM)
         and np.allclose(iop[:3] * spacing[1], aff[:3, 2], atol=1e-3)
         and np.allclose(iop[3:] * spacing[0], aff[:3, 1], atol=1e-3)
@@ -104,7 +127,7 @@ def _check_geometry(images: Sequence[Dataset], grid: Volume) -> np.ndarray | Non
     if not ok:
         raise SeriesError("seg_source_geometry_mismatch", kind="inconsistent",
                           detail="source headers do not match the grid the mask was mapped to")
-    return positions
+    return None if multiframe else positions
 
 
 def _segment_descriptions(

@@ -3,8 +3,8 @@
 - dicom3tools ``dciodvfy``: no error and no warning, for every SEG and SR;
 - dcmtk ``dsr2xml``: every SR converts;
 - dcmqi ``segimage2itkimage``: reads each SEG back voxel-identical to the mask on the source grid
-  (axial CT, sagittal MR, a cropped region, a reoriented input, an odd matrix size,
-  overlapping models);
+  (axial CT, sagittal MR, a cropped region, a reoriented input, an odd matrix size, an
+  enhanced multi-frame CT source, overlapping models);
 - dcmqi ``tid1500reader``: reads each SR, with the measurements it holds.
 """
 from __future__ import annotations
@@ -140,6 +140,21 @@ def _cases() -> list[Case]:
     olab = _organs(ovol.shape)
     cases.append(Case("odd_matrix", odd, ovol, [Prediction(ovol.with_array(olab), manifest())],
                       {1: olab == 1, 2: olab == 2}))
+
+    import highdicom as hd
+
+    from dicomnode.volume import SourceFrame, affine_from_dicom
+
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(src, hd.UID(), 5, hd.UID(), 1)  # enhanced CT source
+    pos = np.array([[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]
+                    for f in mf.PerFrameFunctionalGroupsSequence])
+    mf_vol = Volume(array=np.zeros(shape, np.int16), modality="CT",
+                    affine=affine_from_dicom(pos[0], np.asarray(src[0].ImageOrientationPatient, float),
+                                             (0.8, 0.7), pos[1] - pos[0]),
+                    source=tuple(SourceFrame(str(mf.SOPClassUID), str(mf.SOPInstanceUID), k)
+                                 for k in range(1, shape[0] + 1)))
+    cases.append(Case("enhanced_ct_source", [mf], mf_vol, [Prediction(mf_vol.with_array(lab), manifest())],
+                      {1: lab == 1, 2: lab == 2}))
 
     body = ellipsoid(shape, (6, 16, 20), (5, 14, 18)).astype(np.uint8)
     cases.append(Case("overlapping_models", src, vol,

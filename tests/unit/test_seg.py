@@ -218,3 +218,36 @@ def test_stack_with_a_gap() -> None:
     reading = read_seg(seg, src)
     for v in (1, 2):
         assert np.array_equal(reading.mask(v), _expected_by_slice(vol, lab == v, reading))
+
+
+def test_enhanced_multiframe_source() -> None:
+    """An enhanced (legacy converted) CT source: every SEG frame references the source frame it
+    lies on, with that frame's mask; frames out of order or another grid are refused."""
+    import highdicom as hd
+
+    from dicomnode.volume import SourceFrame, Volume, affine_from_dicom
+
+    src = make_series(shape=(8, 20, 24))
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(src, hd.UID(), 5, hd.UID(), 1)
+    pos = np.array([[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]
+                    for f in mf.PerFrameFunctionalGroupsSequence])
+    aff = affine_from_dicom(pos[0], np.asarray(src[0].ImageOrientationPatient, float), (0.8, 0.7), pos[1] - pos[0])
+    frames = tuple(SourceFrame(str(mf.SOPClassUID), str(mf.SOPInstanceUID), k) for k in range(1, 9))
+    lab = _labels((8, 20, 24))
+    vol = Volume(array=lab, affine=aff, source=frames)  # the converter's view: slice i = frame i + 1
+    seg = build_seg([mf], [Prediction(vol, manifest())], CFG)
+    pixels = seg.pixel_array.reshape(-1, 20, 24)
+    assert len(pixels) == sum(int(np.any(lab == v, axis=(1, 2)).sum()) for v in (1, 2))
+    for item, frame in zip(seg.PerFrameFunctionalGroupsSequence, pixels):
+        ref = item.DerivationImageSequence[0].SourceImageSequence[0]
+        k = int(ref.ReferencedFrameNumber)
+        assert ref.ReferencedSOPInstanceUID == mf.SOPInstanceUID
+        assert np.allclose([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient], pos[k - 1])
+        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        assert np.array_equal(frame.astype(bool), lab[k - 1] == segment)
+    with pytest.raises(SeriesError, match="multiframe_order"):
+        build_seg([mf], [Prediction(dataclasses.replace(vol, source=frames[::-1]), manifest())], CFG)
+    shifted = aff.copy()
+    shifted[2, 3] += 1.0
+    with pytest.raises(SeriesError, match="geometry"):
+        build_seg([mf], [Prediction(Volume(array=lab, affine=shifted, source=frames), manifest())], CFG)
