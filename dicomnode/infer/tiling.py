@@ -94,13 +94,13 @@ def to_model_grid(volume: Volume, manifest: ModelManifest) -> Volume:
 
     aff, shape = canonical_grid(volume, manifest.spacing_mm)
     fill = float(np.min(volume.array)) if volume.array.size else 0.0
-    fast = exact_regrid(np.asarray(volume.array, dtype=np.float32), volume.affine, aff, shape, fill)
+    fast = exact_regrid(np.asarray(volume.array), volume.affine, aff, shape, fill)
     if fast is not None:
-        return dataclasses.replace(volume, array=fast, affine=aff)
+        return dataclasses.replace(volume, array=fast.astype(np.float32, copy=False), affine=aff)
     m = np.linalg.inv(volume.affine) @ aff
-    src = np.ascontiguousarray(volume.array, dtype=np.float32)
+    src = np.ascontiguousarray(volume.array)  # no float copy of a large int16 CT: output is float32
     out = ndimage.affine_transform(src, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=1,
-                                   mode="nearest", prefilter=False)
+                                   mode="nearest", prefilter=False, output=np.float32)
     inside = ndimage.affine_transform(np.ones(volume.shape, np.uint8), m[:3, :3], offset=m[:3, 3],
                                       output_shape=shape, order=0, mode="grid-constant", cval=0, prefilter=False)
     out[inside == 0] = fill
