@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,14 +272,16 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
         # 1. which pipeline: modality, body part, description from the headers
         with timer("select"):
             paths = ctx.source.paths(job)
-            headers = _with_type2_defaults(read_headers(paths))
-            pipeline = select_pipeline(cfg.pipelines, _facts(headers))
+            facts = _facts(read_headers(paths[:1]))
+            pipeline = select_pipeline(cfg.pipelines, facts)
             if pipeline is None:
                 raise SeriesError("no_pipeline", kind="unsupported",
-                                  detail=f"no [[pipelines]] entry matches modality {_facts(headers).modality or '?'}")
-        # 2. instances -> Volume with checked geometry
-        with timer("convert"):
+                                  detail=f"no [[pipelines]] entry matches modality {facts.modality or '?'}")
+        # 2. instances -> Volume with checked geometry (every header read alongside, for SEG/SR)
+        with timer("convert"), ThreadPoolExecutor(1, thread_name_prefix="headers") as pool:
+            pending = pool.submit(read_headers, paths)
             source = read_series(paths, cfg.geometry)
+            headers = _with_type2_defaults(pending.result())
         # 3. header orientation: canonical axis order, so every model sees the same layout
         with timer("orient"):
             volume, reorientation = to_canonical(source)
@@ -387,10 +390,14 @@ def _quarantine_report(job: Job, ctx: PipelineContext, headers: list[Any], pipel
 
     Failures here are logged, never raised: the quarantine itself must be recorded.
     """
-    if not ctx.cfg.results.sr_on_quarantine or not headers:
+    if not ctx.cfg.results.sr_on_quarantine:
         return ()
     try:
         from dicomnode.results.sr import ReportFindings, build_sr
+        from dicomnode.series.convert import read_headers
+
+        if not headers:  # quarantined before every header was read (selection, conversion)
+            headers = _with_type2_defaults(read_headers(ctx.source.paths(job)))
 
         with timer("quarantine_sr"):
             findings = ReportFindings(quarantine_reason=exc.reason, quarantine_kind=exc.kind)

@@ -193,7 +193,10 @@ def resample(
     # index in source = inv(src_affine) @ target_affine @ index in target
     m = np.linalg.inv(volume.affine) @ target
     src = np.ascontiguousarray(volume.array)
-    if order == 0:
+    fast = _nearest_axis_aligned(src, m, tuple(int(v) for v in shape), cval) if order == 0 else None
+    if fast is not None:
+        out = fast
+    elif order == 0:
         out = ndimage.affine_transform(
             src, m[:3, :3], offset=m[:3, 3], output_shape=tuple(shape), order=0,
             mode="grid-constant",  # voxels extend +-0.5: "constant" drops edge voxels (coord -0.25 -> cval)
@@ -205,6 +208,41 @@ def resample(
             order=order, mode="constant", cval=cval, prefilter=False,
         )
     return dataclasses.replace(volume, array=out, affine=target)
+
+
+def _nearest_axis_aligned(src: np.ndarray, m: np.ndarray, shape: tuple[int, int, int], cval: float) -> np.ndarray | None:
+    """Nearest-neighbour resampling by index gathering when the grids are axis-aligned.
+
+    ``m`` maps target indices to source indices; when every source axis depends on exactly one
+    target axis (scales, flips, permutations, shifts - the usual case between a scan grid, its
+    canonical view and a model grid) the result is separable and a fancy-indexing gather gives the
+    same voxels as ``ndimage.affine_transform(order=0, mode="grid-constant")`` about 20x faster.
+    Returns None for oblique mappings.
+    """
+    lin = m[:3, :3]
+    nz = np.abs(lin) > 1e-9
+    if not (np.all(nz.sum(axis=1) == 1) and np.all(nz.sum(axis=0) == 1)):
+        return None
+    cols = [int(np.argmax(nz[r])) for r in range(3)]  # target axis feeding source axis r
+    idx, ok = [], []
+    for r in range(3):
+        x = lin[r, cols[r]] * np.arange(shape[cols[r]], dtype=np.float64) + m[r, 3]
+        i = np.floor(x + 0.5).astype(np.int64)
+        valid = (x >= -0.5) & (x < src.shape[r] - 0.5) & (i >= 0) & (i < src.shape[r])
+        idx.append(np.clip(i, 0, src.shape[r] - 1))
+        ok.append(valid)
+    gathered = src
+    for axis in (2, 1, 0):  # separable gather, innermost axis first (measured fastest)
+        gathered = np.take(gathered, idx[axis], axis=axis)
+    fill = np.asarray(cval).astype(src.dtype)
+    if not ok[0].all():
+        gathered[~ok[0], :, :] = fill
+    if not ok[1].all():
+        gathered[:, ~ok[1], :] = fill
+    if not ok[2].all():
+        gathered[:, :, ~ok[2]] = fill
+    order = [cols.index(a) for a in range(3)]  # output axis a comes from gathered axis order[a]
+    return np.ascontiguousarray(gathered.transpose(order))
 
 
 def to_source_grid(labels: Volume, *, cval: float = 0.0) -> Volume:

@@ -62,7 +62,7 @@ class WorkerPool:
     """``node.workers`` threads running :func:`run_series` on claimed jobs."""
 
     def __init__(self, cfg: Config, db: Database, ctx: PipelineContext, *, name: str = "worker",
-                 poll_s: float = 0.5, metrics: Any = None,
+                 poll_s: float = 0.1, metrics: Any = None,
                  runner: Callable[[Job, PipelineContext], JobOutcome] = run_series,
                  memory_budget_bytes: int | None = None) -> None:
         self.cfg = cfg

@@ -7,6 +7,7 @@ benchmark). Patient attributes are planted canary values so tests can check noth
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,15 @@ def resample_ijk(data: np.ndarray, affine: np.ndarray, shape_ijk: tuple[int, int
     return out, affine @ m
 
 
+@functools.lru_cache(maxsize=2)
+def _prepared(nifti: str, shape_ijk: tuple[int, int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The NIfTI's data and RAS affine, resampled to ``shape_ijk`` (cached: series are written many times)."""
+    data, ras = load_ras(Path(nifti))
+    if shape_ijk is not None and tuple(shape_ijk) != data.shape:
+        data, ras = resample_ijk(data, ras, shape_ijk)
+    return data, ras
+
+
 def _standard_in_plane(data: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flip i / j so rows run to the patient's left and columns to posterior (the usual DICOM layout)."""
     for axis in (0, 1):
@@ -73,9 +83,7 @@ def nifti_to_dicom(nifti: Path, folder: Path, *, shape_ijk: tuple[int, int, int]
                    series_description: str = "e2e abdomen", body_part: str = "ABDOMEN",
                    study_uid: str | None = None) -> CtSeries:
     """Write ``nifti`` as one DICOM file per k-slice into ``folder``; returns the series facts."""
-    data, ras = load_ras(nifti)
-    if shape_ijk is not None and tuple(shape_ijk) != data.shape:
-        data, ras = resample_ijk(data, ras, shape_ijk)
+    data, ras = _prepared(str(nifti), None if shape_ijk is None else tuple(shape_ijk))
     lps = RAS_TO_LPS @ ras  # (i, j, k) -> LPS
     data, lps = _standard_in_plane(data, lps)
     col_step, row_step, slice_step = lps[:3, 0], lps[:3, 1], lps[:3, 2]  # i: along a row, j: down the rows

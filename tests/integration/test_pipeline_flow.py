@@ -122,8 +122,9 @@ def ct(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):  # type: ig
     return tmp, series, by_sop, liver, sops
 
 
-def _run(tmp: Path, files: list[Path], by_sop: dict[str, Any], out: Path) -> tuple[Any, ReferenceSegmenter, FolderSink]:
-    cfg = parse_config(CONFIG)
+def _run(tmp: Path, files: list[Path], by_sop: dict[str, Any], out: Path,
+         config: dict[str, Any] = CONFIG) -> tuple[Any, ReferenceSegmenter, FolderSink]:
+    cfg = parse_config(config)
     seg = ReferenceSegmenter(_manifests(tmp / "manifests"), by_sop, files)
     sink = FolderSink(out)
     ctx = build_context(cfg, seg, DirectorySource(files), sink)
@@ -200,3 +201,17 @@ def test_flipped_header_is_detected_and_corrected(ct) -> None:  # type: ignore[n
     mask, order = _liver_from_seg(out, files)
     ref = np.stack([by_sop["liver"][u] for u in order]) > 0
     assert _dice(mask, ref) > 0.98  # corrected processing, results still on the right source pixels
+
+
+def test_series_without_a_pipeline_is_quarantined_with_an_sr(ct) -> None:  # type: ignore[no-untyped-def]
+    tmp, series, by_sop, liver, sops = ct
+    out = tmp / "out-mr-only"
+    mr_only = {**CONFIG, "pipelines": [{"name": "mr", "modalities": ["MR"], "models": ["body"]}]}
+    outcome, seg, sink = _run(tmp, list(series.files), by_sop, out, mr_only)
+    assert outcome.state == "quarantined" and outcome.reason == "unsupported:no_pipeline"
+    assert outcome.outputs == ("sr",) and [p.name for p in sink.written] == ["sr.dcm"]
+    assert seg.calls == []  # nothing was segmented
+    sr = pydicom.dcmread(out / "sr.dcm")
+    assert sr.StudyInstanceUID == series.study_uid
+    values = [str(e.value) for e in sr.iterall() if e.keyword in ("CodeValue", "CodeMeaning", "TextValue")]
+    assert any("no_pipeline" in v.lower() for v in values), values
