@@ -9,6 +9,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 import uuid
 from typing import Callable
 
@@ -36,6 +37,7 @@ from dicomnode.net.ul import (
 
 LOG = logging.getLogger("dicomnode.ul")
 VERIFICATION = "1.2.840.10008.1.1"
+ARTIM_S = 30.0  # a connection must send its A-ASSOCIATE-RQ within this (or the network timeout)
 
 
 class AcceptorServer:
@@ -84,14 +86,20 @@ class AcceptorServer:
         self._thread = threading.Thread(target=self._accept_loop, name="dicomnode-ul-accept", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop accepting and close every connection (open associations are cut)."""
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting; give open associations ``grace_s`` to finish, then cut them."""
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(5)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end:
+            with self._lock:
+                if self._active == 0:
+                    break
+            time.sleep(0.05)
         with self._lock:
             conns = list(self._conns)
         for c in conns:
@@ -120,7 +128,7 @@ class AcceptorServer:
         counted = False
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            raw.settimeout(self.timeout_s)
+            raw.settimeout(min(self.timeout_s, ARTIM_S))  # until the A-ASSOCIATE-RQ is in
             sock = self.prepare_socket(raw)
             if sock is None:
                 return
@@ -133,7 +141,7 @@ class AcceptorServer:
             self._associate_and_run(sock, host, over)
         except (OSError, ProtocolError) as exc:
             LOG.info("association ended: %s", exc.__class__.__name__)
-            if isinstance(exc, ProtocolError) and sock is not None:
+            if isinstance(exc, (ProtocolError, TimeoutError)) and sock is not None:
                 try:
                     sock.sendall(encode_abort(2, 0))
                 except OSError:
@@ -182,6 +190,7 @@ class AcceptorServer:
             LOG.warning("association refused: %d associations already open", self.max_associations)
             sock.sendall(encode_associate_rj(2, 3, 2))
             return
+        sock.settimeout(self.timeout_s)
         assoc = Association(uuid.uuid4().hex, rq.calling_ae, host)
         results = []
         for ctx_id, abstract, tss in rq.contexts:
