@@ -19,10 +19,13 @@ API (import as ``from tests.peers import ...``):
       receives_results=False)``; kw: ae_title, quiet_period_s, max_wait_s, extra (raw TOML
       appended: add [triton], [tls], ... sections yourself), require_known_callers, node_extra
       (raw lines added to [node]).
-- ``NodeProcess.start(config, port, log=path, env=None, timeout=60) -> NodeProcess``
-      ``.venv/bin/dicomnode serve --config ...``; waits until it answers C-ECHO.
+- ``NodeProcess.start(config, port, log=path, env=None, timeout=60, echo_calling="ECHOSCU")``
+      ``.venv/bin/dicomnode serve --config ...`` (cwd = the config's folder); waits until it
+      answers C-ECHO from ``echo_calling`` (give that AE a ``Peer``), or with ``echo_calling=""``
+      until the port accepts. ``.proc``, ``.log`` (node output), ``.port``, ``.config``;
       ``.stop()`` (SIGTERM, then SIGKILL), ``.kill()`` (SIGKILL now), ``.status() -> dict``
-      (``dicomnode status --json``), context manager.
+      (``dicomnode status --json``), context manager. The node's data: ``state.sqlite3`` and
+      ``spool/`` under the config's data_dir.
 - ``echo(port, called="DICOMNODE", calling="ECHOSCU") -> bool``  pynetdicom C-ECHO
 - ``storescu(paths, port, called="DICOMNODE", calling="STORESCU", extra=(), timeout=300)``
       dcmtk storescu with TCP_NODELAY=1; ``acked_files(r.stderr)`` lists the files it got
@@ -32,6 +35,8 @@ API (import as ``from tests.peers import ...``):
       ``.upload(files) -> list[str]`` (instance ids), ``.push(modality, resources)``,
       ``.stop()``; context manager.
 - ``StoreSCP.start(outdir, ae_title="STORESCP") -> StoreSCP``  dcmtk storescp; ``.port``, ``.stop()``.
+- ``peer_env(**extra) -> dict``  os.environ + TCP_NODELAY=1 for any dcmtk/Orthanc subprocess;
+  ``DICOMNODE``: path of ``.venv/bin/dicomnode``.
 """
 from __future__ import annotations
 
