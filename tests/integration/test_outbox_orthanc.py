@@ -3,7 +3,6 @@ and started again, and the node's sender restarted meanwhile, still gets everyth
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np

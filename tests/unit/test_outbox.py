@@ -7,7 +7,6 @@ import copy
 import os
 import random
 import socket
-import threading
 import time
 from pathlib import Path
 

@@ -12,7 +12,6 @@ from dicomnode.errors import SeriesError
 from dicomnode.infer.models import Prediction
 from dicomnode.results.reading import read_seg
 from dicomnode.results.seg import LABELMAP_SEG_STORAGE, SEG_STORAGE, build_seg
-from dicomnode.volume import resample
 from tests.dicom_synth import SAGITTAL, ellipsoid, make_series, manifest, reorient, source_volume
 
 CFG = ResultsConfig()
