@@ -253,3 +253,57 @@ def test_serve_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     assert node.proc.wait(20) == 0
     node.stop()
     assert "node stopped" in node.log.read_text()
+
+
+def test_jpeg2000_and_enhanced_multiframe(node: NodeProcess, tmp_path: Path) -> None:
+    """JPEG 2000 (made with pydicom + openjpeg) and an Enhanced CT multi-frame object: stored as
+    received; the single multi-frame instance completes its series on release."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import JPEG2000Lossless, generate_uid
+
+    info = make_ct_series(tmp_path / "src", n=3, rows=32, cols=32)
+    j2k = tmp_path / "j2k"
+    j2k.mkdir()
+    for f in info.files:
+        ds = pydicom.dcmread(f)
+        ds.compress(JPEG2000Lossless)
+        ds.save_as(j2k / f.name)
+    r = storescu(j2k, node.port, extra=["-xv"])
+    assert r.returncode == 0 and len(acked_files(r.stderr)) == 3, r.stderr[-1500:]
+    with _db(node) as c:
+        rows = c.execute("SELECT transfer_syntax_uid, path FROM instances WHERE series_instance_uid=?",
+                         (info.series_uid,)).fetchall()
+    assert {t for t, _ in rows} == {str(JPEG2000Lossless)}
+    source = dict(zip(info.sop_uids, info.files))
+    for _, rel in rows:
+        stored = pydicom.dcmread(node.config.parent / "data" / "spool" / rel)
+        sent = j2k / source[stored.SOPInstanceUID].name
+        assert _dataset_bytes(node.config.parent / "data" / "spool" / rel) == _dataset_bytes(sent)
+        assert (stored.pixel_array == pydicom.dcmread(source[stored.SOPInstanceUID]).pixel_array).all()
+
+    # Enhanced CT: one instance, 4 frames, positions per frame
+    mf = pydicom.dcmread(info.files[0])
+    mf.file_meta.MediaStorageSOPClassUID = mf.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    mf.SOPInstanceUID = mf.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    mf.SeriesInstanceUID = generate_uid()
+    del mf.ImagePositionPatient
+    mf.NumberOfFrames = 4
+    frames = []
+    for k in range(4):
+        pos = Dataset()
+        pos.ImagePositionPatient = [0.0, 0.0, 2.5 * k]
+        fg = Dataset()
+        fg.PlanePositionSequence = Sequence([pos])
+        frames.append(fg)
+    mf.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    mf.PixelData = mf.PixelData * 4
+    mf_path = tmp_path / "mf" / "enhanced.dcm"
+    mf_path.parent.mkdir()
+    mf.save_as(mf_path)
+    r = storescu(mf_path, node.port)
+    assert r.returncode == 0 and len(acked_files(r.stderr)) == 1, r.stderr[-1500:]
+    assert wait_for(lambda: _series(node, mf.SeriesInstanceUID)[0] == "complete", 10)
+    with _db(node) as c:
+        assert c.execute("SELECT frames FROM instances WHERE sop_instance_uid=?",
+                         (mf.SOPInstanceUID,)).fetchone()[0] == 4
