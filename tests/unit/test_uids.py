@@ -39,7 +39,12 @@ def test_rejects_bad_input() -> None:
         derive_uid(SRC, "seg", index=-1)
 
 
-@given(st.lists(st.integers(min_value=0, max_value=10**12), min_size=2, max_size=8), st.integers(0, 1000))
+@given(st.lists(st.integers(min_value=0, max_value=10**6), min_size=2, max_size=8), st.integers(0, 1000))
 def test_always_valid(parts: list[int], index: int) -> None:
     uid = derive_uid(".".join(map(str, parts)), "seg", ["m:1"], index)
     assert is_valid_uid(uid) and len(uid) <= 64
+
+
+def test_too_long_source_uid_is_refused() -> None:
+    with pytest.raises(ValueError):
+        derive_uid("1." + "2" * 63, "seg")
