@@ -166,6 +166,8 @@ def analyse_stack(
     srt = np.sort(diffs)  # median without np.median (its first call imports numpy.ma: ~0.1 s)
     nominal = float(srt[(len(srt) - 1) // 2] + srt[len(srt) // 2]) / 2
     uniform = float(diffs.max() - diffs.min()) <= spacing_tolerance_mm
+    if uniform:  # the mean step puts the first and the last slice exactly where they are
+        nominal = float(d[-1] - d[0]) / (n - 1)
     gaps = 0
     if not uniform:
         big = diffs > 1.5 * nominal

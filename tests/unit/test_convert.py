@@ -261,6 +261,11 @@ def test_convert_command_writes_nifti_and_report(tmp_path: Path) -> None:
     assert main(["convert", str(tmp_path / "g"), str(tmp_path / "g.nii.gz"), "--report", str(tmp_path / "g.json")]) == 1
     assert json.loads((tmp_path / "g.json").read_text())["error"]["reason"] == "gap"
     assert not (tmp_path / "g.nii.gz").exists()
+    make_stack(tmp_path / "sag", n=3, orientation=SAGITTAL)
+    assert main(["convert", str(tmp_path / "sag"), str(tmp_path / "sag.nii"), "--canonical"]) == 0
+    assert nib.aff2axcodes(nib.load(tmp_path / "sag.nii").affine) == ("L", "P", "S")
+    assert main(["convert", str(tmp_path / "sag"), str(tmp_path / "sag.nii")]) == 0
+    assert nib.aff2axcodes(nib.load(tmp_path / "sag.nii").affine) != ("L", "P", "S")
 
 
 def test_single_slice(tmp_path: Path) -> None:
