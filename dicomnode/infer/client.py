@@ -60,6 +60,8 @@ def _is_transient(exc: BaseException) -> bool:
         msg = str(exc.message() or "").lower()
         if "shared memory region" in msg and "register" not in msg:  # stale registration (server restarted)
             return True
+        if "stub process" in msg and "not healthy" in msg:  # the model's backend process died (e.g. OOM
+            return True  # kill): gRPC says INTERNAL, HTTP 500; it works again once Triton is restarted
         return status in _TRANSIENT_STATUS or status == "None" or "timed out" in msg or "timeout" in msg
     try:
         import gevent
@@ -239,7 +241,7 @@ class InferenceClient:
     def is_ready(self) -> bool:
         """True when the server answers ready (no retries)."""
         try:
-            return bool(self._connect().is_server_ready())
+            return bool(self._connect().is_server_ready(**self._infer_kwargs()))
         except Exception:
             self._reset()
             return False
@@ -275,8 +277,9 @@ class InferenceClient:
                 problems.append(str(exc))
                 continue
             try:
-                meta = self._call(f"metadata of {name}", lambda c: _as_dict(c.get_model_metadata(name)))
-                cfg = self._call(f"config of {name}", lambda c: _as_dict(c.get_model_config(name)))
+                kw = self._infer_kwargs()
+                meta = self._call(f"metadata of {name}", lambda c: _as_dict(c.get_model_metadata(name, **kw)))
+                cfg = self._call(f"config of {name}", lambda c: _as_dict(c.get_model_config(name, **kw)))
             except ModelContractError as exc:
                 problems.append(f"{name}: not served ({exc})")
                 continue
@@ -314,6 +317,7 @@ class InferenceClient:
         return mod
 
     def _infer_kwargs(self) -> dict[str, Any]:
+        """gRPC calls take a per-call deadline; HTTP has its network timeout on the connection."""
         return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
 
     def _infer_wire(self, client: Any, m: ModelManifest, x: np.ndarray) -> np.ndarray:
