@@ -89,8 +89,9 @@ def test_real_ct_3slice_matches_simpleitk_and_dcm2niix(shared_data: Path, tmp_pa
         dict(orientation=orientation_from(rotation((0.0, 0.0, 0.4))), signed=True, intercept=-1024),
         dict(syntax="1.2.840.10008.1.2.4.90", order=[2, 3, 0, 1, 4], signed=True),
         dict(syntax="1.2.840.10008.1.2.5", signed=True, intercept=-1024),
+        dict(slope=0.5, intercept=-1000.25, order=[1, 0, 4, 3, 2]),
     ],
-    ids=["non-square-shuffled", "oblique", "sagittal", "in-plane-rotated", "jpeg2000", "rle"],
+    ids=["non-square-shuffled", "oblique", "sagittal", "in-plane-rotated", "jpeg2000", "rle", "float-rescale"],
 )
 def test_generated_series_match_simpleitk_and_dcm2niix(tmp_path: Path, case: dict) -> None:
     make_stack(tmp_path / "s", n=5, **case)
