@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dicomnode.config import PROJECT_ROOT, GeometryConfig, TritonConfig, load_config
     from dicomnode.infer.client import InferenceClient
+    from dicomnode.infer.models import load_manifest
     from dicomnode.infer.server import LocalTriton
     from dicomnode.series.convert import load_input, write_nifti
 
@@ -61,7 +62,15 @@ def run(args: argparse.Namespace) -> int:
         return Path(p) if Path(p).is_absolute() else PROJECT_ROOT / p
 
     try:
+        manifest = load_manifest(res(t.models_dir) / args.model / "labels.json")
+    except ModelContractError as exc:
+        print(f"unknown or invalid model: {exc}", file=sys.stderr)
+        return 2
+    try:
         volume = load_input(args.input, policy, modality=args.modality)
+        if volume.modality not in manifest.modalities:  # refused before any server starts
+            raise SeriesError("modality_not_supported", kind="unsupported",
+                              detail=f"{args.model} takes {'/'.join(manifest.modalities)}, not {volume.modality}")
     except SeriesError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1

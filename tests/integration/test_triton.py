@@ -249,3 +249,30 @@ def test_a_model_that_fails_to_load_is_named_and_the_server_stopped(tmp_path: Pa
     with pytest.raises(ModelContractError, match="broken"):
         server.start()
     assert server.pid is None and not server.running
+
+
+def test_segment_command_starts_its_own_local_server_by_default(triton_repo, shared_data: Path, tmp_path: Path) -> None:
+    """No --triton and no config: url = "local", so the command runs a server of its own (MR input)."""
+    if not (VENV / "bin" / "python").exists():
+        pytest.skip(f"the Triton server venv {VENV} is absent: run scripts/setup.sh")
+    mr = shared_data / "totalsegmentator" / "example_mr_sm.nii.gz"
+    out = tmp_path / "body_mr.nii.gz"
+    proc = subprocess.run(
+        [*DICOMNODE, "segment", str(mr), "--modality", "MR", "--model", "body", "--out", str(out),
+         "--models", str(triton_repo)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "shared memory" in proc.stdout
+    img, ref = nib.load(str(out)), nib.load(str(mr))
+    assert img.shape == ref.shape and np.allclose(img.affine, ref.affine, atol=1e-4)
+    organs = np.asarray(nib.load(str(shared_data / "totalsegmentator" / "example_seg_mr.nii.gz")).dataobj) > 0
+    body = np.asarray(img.dataobj) == 1
+    assert body[organs].mean() > 0.99 and 0.3 < body.mean() < 0.95
+    # a CT-only model refuses MR before any inference
+    bad = subprocess.run(
+        [*DICOMNODE, "segment", str(mr), "--modality", "MR", "--model", "pointwise3", "--out", str(out),
+         "--models", str(triton_repo)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert bad.returncode == 1 and "modality_not_supported" in bad.stderr
