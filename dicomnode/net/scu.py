@@ -20,7 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from pathlib import Path
+
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode.config import PeerConfig
@@ -110,26 +114,39 @@ class StoreSCU:
             raise PermanentSendError(f"{peer.name} accepted none of the proposed SOP classes")
         raise TransientError(f"no association with {peer.name} (no connection, aborted or timed out)")
 
-    def send(self, peer: PeerConfig, datasets: Sequence[Dataset]) -> list[StoreResult]:
+    def send(
+        self, peer: PeerConfig, datasets: Sequence[Dataset | str | Path], sop_classes: Sequence[str] | None = None,
+    ) -> list[StoreResult]:
         """C-STORE every dataset over one association; one :class:`StoreResult` per dataset.
 
+        Items may be files (read one at a time, just before sending, so a long backlog does not
+        sit in memory); ``sop_classes`` (one per item) saves reading their headers first.
         Raises TransientError when no association could be made (no connection, rejected
         transiently, timeout) and PermanentSendError when it was rejected permanently or none of
         the SOP classes was accepted. A connection lost midway makes the remaining objects
-        ``transient``.
+        ``transient``; an unreadable file is ``permanent``.
         """
         if not datasets:
             return []
-        assoc = self._associate(peer, [str(ds.SOPClassUID) for ds in datasets])
+        if sop_classes is None:
+            sop_classes = [str(d.SOPClassUID) if isinstance(d, Dataset) else
+                           str(dcmread(d, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
+                           for d in datasets]
+        assoc = self._associate(peer, list(sop_classes))
         results: list[StoreResult] = []
         try:
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-            for i, ds in enumerate(datasets):
+            for i, item in enumerate(datasets):
                 if not assoc.is_established:
                     results.append(StoreResult(i, None, "transient", "association lost"))
                     continue
-                if str(ds.SOPClassUID) not in accepted:
+                if str(sop_classes[i]) not in accepted:
                     results.append(StoreResult(i, None, "permanent", "SOP class refused by the peer"))
+                    continue
+                try:
+                    ds = item if isinstance(item, Dataset) else dcmread(item)
+                except (OSError, InvalidDicomError) as exc:
+                    results.append(StoreResult(i, None, "permanent", f"unreadable file: {type(exc).__name__}"))
                     continue
                 try:
                     rsp = assoc.send_c_store(ds)

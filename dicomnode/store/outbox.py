@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Config, OutboxConfig, PeerConfig
@@ -408,7 +407,7 @@ class Sender:
                  batch: int = 64) -> None:
         self.outbox = outbox
         self.peers = {p.name: p for p in peers}
-        self.scu = scu  # anything with send(peer, datasets) -> list[StoreResult] (net.scu.StoreSCU)
+        self.scu = scu  # anything with send(peer, paths, sop_classes) -> list[StoreResult] (net.scu.StoreSCU)
         self.poll_s = poll_s
         self.batch = batch
         self._wake = threading.Event()
@@ -447,29 +446,30 @@ class Sender:
                     self.outbox.mark_dead(e.id, f"unknown destination {dest!r}")
                 dead += len(entries)
                 continue
-            ready: list[tuple[OutboxEntry, Dataset]] = []
+            ready: list[OutboxEntry] = []
             for e in entries:
-                try:
-                    ready.append((e, pydicom.dcmread(self.outbox.path_of(e))))
-                except (OSError, pydicom.errors.InvalidDicomError) as exc:
-                    self.outbox.mark_dead(e.id, f"outbox file unreadable: {type(exc).__name__}")
+                if self.outbox.path_of(e).is_file():
+                    ready.append(e)
+                else:
+                    self.outbox.mark_dead(e.id, "outbox file missing")
                     dead += 1
             if not ready:
                 continue
-            try:
-                results = self.scu.send(peer, [ds for _, ds in ready])  # type: ignore[attr-defined]
+            try:  # files are read one at a time by the SCU, right before each C-STORE
+                results = self.scu.send(peer, [self.outbox.path_of(e) for e in ready],  # type: ignore[attr-defined]
+                                        [e.sop_class_uid for e in ready])
             except TransientError as exc:
-                for e, _ in ready:
+                for e in ready:
                     self.outbox.mark_retry(e.id, str(exc), now)
                 retried += len(ready)
                 continue
             except PermanentSendError as exc:
-                for e, _ in ready:
+                for e in ready:
                     self.outbox.mark_dead(e.id, str(exc))
                 dead += len(ready)
                 continue
             for r in results:
-                e = ready[r.index][0]
+                e = ready[r.index]
                 if r.outcome == "success":
                     self.outbox.mark_sent(e.id)
                     sent += 1
