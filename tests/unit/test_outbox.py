@@ -328,3 +328,16 @@ def test_no_patient_data_or_uids_in_logs(tmp_path: Path, results, scp_factory, c
     for ds in results:
         for value in (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID, str(ds.PatientName), ds.PatientID):
             assert str(value) not in text
+
+
+def test_missing_or_corrupt_outbox_files_are_dead_lettered(tmp_path: Path, results, scp_factory) -> None:
+    scp = scp_factory()
+    ob = _outbox(tmp_path)
+    gone = ob.enqueue(results[0], "pacs")
+    broken = ob.enqueue(results[1], "pacs")
+    ob.path_of(gone).unlink()
+    ob.path_of(broken).write_bytes(b"not dicom at all")
+    summary = Sender(ob, [scp.peer()], StoreSCU("DICOMNODE", timeout_s=5)).run_once()
+    assert summary.dead == 2 and scp.received == []
+    assert "missing" in ob.get(gone.id).last_error  # type: ignore[union-attr]
+    assert "unreadable" in ob.get(broken.id).last_error  # type: ignore[union-attr]
