@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +46,39 @@ class InferenceService:
         self._clients: list[Any] = []
         self._lock = threading.Lock()
         self._started = False
+        self._unchecked: list[str] = []  # models whose contract check waits for a remote server
 
     def _new_client(self) -> Any:
         from dicomnode.infer.client import InferenceClient
 
-        return InferenceClient.from_config(self.cfg.triton, self.url)
+        class TimedClient(InferenceClient):
+            """Counts the seconds spent inside Triton requests (model compute + transport)."""
+
+            compute_s = 0.0
+
+            def infer(self, model: str, x: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return super().infer(model, x, **kwargs)
+                finally:
+                    self.compute_s += time.perf_counter() - t0
+
+        return TimedClient.from_config(self.cfg.triton, self.url)
+
+    def take_compute_s(self) -> float:
+        """Seconds this thread's client spent in Triton requests since the last call (then reset)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            return 0.0
+        spent, client.compute_s = client.compute_s, 0.0
+        return float(spent)
 
     def start(self) -> None:
         """Check the model repository, start local Triton if needed, connect, check contracts.
 
         Raises ModelContractError (a configured model is missing or disagrees with its manifest)
-        and whatever LocalTriton raises when the server cannot start.
+        and whatever LocalTriton raises when the server cannot start. A *remote* server that is
+        unreachable is not fatal: the contract check runs on first use (jobs wait until then).
         """
         models = check_model_repository(self.cfg)
         t = self.cfg.triton
@@ -73,6 +96,13 @@ class InferenceService:
                 probe.check_contract(list(models))
             finally:
                 probe.close()
+        except TransientError:
+            if self.server is not None:  # our own server is up but does not answer: fail loudly
+                self.stop()
+                raise
+            # a remote server that is down must not keep the node from receiving: check on first use
+            log.warning("remote inference server unreachable at start: model check deferred, jobs wait for it")
+            self._unchecked = list(models)
         except BaseException:
             self.stop()
             raise
@@ -102,6 +132,10 @@ class InferenceService:
             self._local.client = client
             with self._lock:
                 self._clients.append(client)
+        if self._unchecked:  # TransientError while the server is still down: the job is retried
+            client.check_contract(list(self._unchecked))
+            self._unchecked = []
+            log.info("remote inference server reachable: model contracts checked")
         return client
 
     def segment(self, volume: Any, model: str) -> Any:

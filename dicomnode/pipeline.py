@@ -110,6 +110,7 @@ class JobOutcome:
     timings: tuple[tuple[str, float], ...] = ()
     summary: SeriesSummary | None = None
     outputs: tuple[str, ...] = ()  # kinds delivered
+    compute: tuple[tuple[str, float], ...] = ()  # per inference stage: seconds inside Triton requests
 
     @property
     def total_s(self) -> float:
@@ -149,19 +150,26 @@ class PipelineContext:
 class StageTimer:
     """Records (stage, seconds) pairs in order; ``with timer("convert"): ...``."""
 
-    def __init__(self, progress: Any = None) -> None:
+    def __init__(self, progress: Any = None, client: Any = None) -> None:
         self.timings: list[tuple[str, float]] = []
+        self.compute: list[tuple[str, float]] = []  # seconds inside Triton requests, per inference stage
         self._progress = progress
+        self._client = client
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
         if self._progress is not None:
             self._progress(stage)
+        take = getattr(self._client, "take_compute_s", None) if stage.startswith("infer:") else None
+        if take is not None:
+            take()  # reset this thread's counter
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self.timings.append((stage, time.perf_counter() - t0))
+            if take is not None:
+                self.compute.append((stage, float(take())))
 
 
 #: Type 2 patient/study attributes highdicom copies from the source into SEG and SR by attribute
@@ -265,7 +273,7 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
 
     cfg = ctx.cfg
     key = series_key(job.series_instance_uid)
-    timer = StageTimer(ctx.progress)
+    timer = StageTimer(ctx.progress, ctx.client)
     headers: list[Any] = []
     pipeline: PipelineConfig | None = None
     try:
@@ -368,7 +376,8 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
             objects = [ResultObject("seg", seg, dest), ResultObject("sr", sr, dest)]
             ctx.sink.deliver(job, objects, summary)
         log.info("job %s %s: done (%s, %.1f s)", job.job_id, key, pipeline.name, sum(t for _, t in timer.timings))
-        return JobOutcome("done", timings=tuple(timer.timings), summary=summary, outputs=("seg", "sr"))
+        return JobOutcome("done", timings=tuple(timer.timings), summary=summary, outputs=("seg", "sr"),
+                          compute=tuple(timer.compute))
     except SeriesError as exc:
         log.warning("job %s %s: quarantined: %s:%s", job.job_id, key, exc.kind, exc.reason)
         reason = f"{exc.kind}:{exc.reason}"

@@ -49,8 +49,13 @@ class FinishedJob:
 
 
 def timings_json(outcome: JobOutcome) -> str:
-    """The job record's timings: ``{"stages": [[name, s], ...], "total_s": s}``."""
-    return json.dumps({"stages": [[n, round(s, 4)] for n, s in outcome.timings], "total_s": round(outcome.total_s, 4)})
+    """The job record's timings: ``{"stages": [[name, s], ...], "total_s": s, "compute": [[stage, s], ...]}``.
+
+    ``compute`` is the time spent inside Triton requests during each inference stage (the rest of
+    an ``infer:*`` stage is resampling, normalisation and transport on the node).
+    """
+    return json.dumps({"stages": [[n, round(s, 4)] for n, s in outcome.timings], "total_s": round(outcome.total_s, 4),
+                       "compute": [[n, round(s, 4)] for n, s in outcome.compute]})
 
 
 def backoff_s(cfg: Config, attempts: int) -> float:

@@ -43,6 +43,15 @@ def _stages(timings_json: str) -> list[list[Any]]:
     return [[str(n), float(s)] for n, s in stages if isinstance(n, str)]
 
 
+def _compute(timings_json: str) -> list[list[Any]]:
+    try:
+        data = json.loads(timings_json or "{}")
+    except ValueError:
+        return []
+    items = data.get("compute", []) if isinstance(data, dict) else []
+    return [[str(n), float(s)] for n, s in items if isinstance(n, str)]
+
+
 def _reason_code(reason: str) -> str:
     return (reason or "").splitlines()[0][:200] if reason else ""
 
@@ -74,6 +83,7 @@ def status_snapshot(cfg: Config, db: Any, pool: Any = None, outbox: Any = None, 
                 "id": job.job_id, "state": job.state, "attempts": job.attempts,
                 "reason": _reason_code(job.reason), "stages": stages,
                 "total_s": round(sum(t for _, t in stages), 3),
+                "model_compute_s": round(sum(t for _, t in _compute(job.timings_json)), 3),
             },
         })
     failures = [
@@ -130,7 +140,7 @@ th{background:#eee} td:first-child{white-space:nowrap} .num{text-align:right;fon
 <h1>dicomnode</h1><div id="meta">loading&hellip;</div>
 <h2>Queue</h2><div id="queue"></div><h2>Outbox</h2><div id="outbox"></div>
 <h2>Series</h2><table id="series"><thead><tr><th>series</th><th>modality</th><th>state</th>
-<th class="num">instances</th><th class="num">MB</th><th>job</th><th class="num">total s</th><th>stages (s)</th></tr></thead><tbody></tbody></table>
+<th class="num">instances</th><th class="num">MB</th><th>job</th><th class="num">total s</th><th class="num">model s</th><th>stages (s)</th></tr></thead><tbody></tbody></table>
 <h2>Stage timings (done jobs)</h2><table id="stages"><thead><tr><th>stage</th><th class="num">n</th>
 <th class="num">mean s</th><th class="num">median s</th><th class="num">max s</th></tr></thead><tbody></tbody></table>
 <h2>Recent failures</h2><table id="failures"><thead><tr><th>series</th><th>job</th><th>state</th><th>reason</th>
@@ -162,7 +172,7 @@ async function refresh(){
     fill("series", s.series.map(x => row([el("td",x.series_key), el("td",x.modality), el("td",x.state,x.state),
       el("td",x.instances,"num"), el("td",x.megabytes,"num"),
       el("td", x.job ? (x.job.state+(x.job.reason?" ("+x.job.reason+")":"")) : "-", x.job ? x.job.state : ""),
-      el("td", x.job ? x.job.total_s.toFixed(2) : "", "num"), stagesCell(x.job ? x.job.stages : [])])));
+      el("td", x.job ? x.job.total_s.toFixed(2) : "", "num"), el("td", x.job ? x.job.model_compute_s.toFixed(2) : "", "num"), stagesCell(x.job ? x.job.stages : [])])));
     fill("stages", Object.entries(s.stage_stats).map(([k,v]) => row([el("td",k), el("td",v.n,"num"),
       el("td",v.mean_s.toFixed(3),"num"), el("td",v.median_s.toFixed(3),"num"), el("td",v.max_s.toFixed(3),"num")])));
     fill("failures", s.recent_failures.map(f => row([el("td",f.series_key), el("td",f.job), el("td",f.state,f.state),
