@@ -78,9 +78,11 @@ def main() -> int:
     which = args.only.split(",")
     with tempfile.TemporaryDirectory(prefix="dn-bench-") as tmp:
         work = Path(tmp)
-        info = make_ct_series(work / "ct", n=args.slices, rows=args.size, cols=args.size)
-        mb = sum(f.stat().st_size for f in info.files) / 1e6
-        print(f"series: {args.slices} slices {args.size}x{args.size}, {mb:.0f} MB")
+        # a fresh series per repeat: every receiver stores new instances each time (no duplicates)
+        series = [make_ct_series(work / f"ct{i}", n=args.slices, rows=args.size, cols=args.size, seed=i)
+                  for i in range(args.repeat)]
+        mb = sum(f.stat().st_size for f in series[0].files) / 1e6
+        print(f"series: {args.slices} slices {args.size}x{args.size}, {mb:.0f} MB, {args.repeat} series")
         receivers: dict[str, tuple[int, str, object]] = {}
         try:
             for name in ("node", "node-nofsync"):
@@ -99,10 +101,8 @@ def main() -> int:
                 receivers["orthanc"] = (o.dicom_port, "ORTHANC", o)
             times: dict[str, list[float]] = {k: [] for k in receivers}
             for i in range(args.repeat):
-                for name, (port, aet, proc) in receivers.items():
-                    if name == "orthanc" and i > 0:  # fresh state each time: delete what was stored
-                        proc.rest("DELETE", f"/studies/{proc.rest('GET', '/studies')[0]}")  # type: ignore[attr-defined]
-                    times[name].append(timed_send(info.folder, port, aet))
+                for name, (port, aet, _proc) in receivers.items():
+                    times[name].append(timed_send(series[i].folder, port, aet))
             rates = {k: args.slices / statistics.median(v) for k, v in times.items()}
             print(f"durable file write on this disk now: {fsync_cost_ms(work):.1f} ms median")
             print(f"{'receiver':10} {'median s':>9} {'inst/s':>8}   runs (s)")
@@ -114,8 +114,8 @@ def main() -> int:
                 print(f"node / storescp = {rates['node'] / rates['storescp']:.2f}  (goal >= 0.5)")
             if "node" in receivers:
                 st = receivers["node"][2].status()  # type: ignore[attr-defined]
-                s0 = st["series"][0]
-                print(f"node: {s0['instances']} instances held, state {s0['state']} ({s0['completion_reason']})")
+                print("node: " + "; ".join(f"{s['instances']} instances {s['state']} ({s['completion_reason']})"
+                                           for s in st["series"]))
         finally:
             for _port, _aet, proc in receivers.values():
                 proc.stop()  # type: ignore[attr-defined]
