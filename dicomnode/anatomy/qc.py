@@ -23,6 +23,9 @@ RESIDUAL_WARN_MM = 40.0
 VOLUME_LOW, VOLUME_HIGH = 0.35, 2.5
 LR_TOLERANCE_MM = 10.0
 SPINE_CLASSES = (2, 6, 7, 8)  # C, T, L vertebrae, sacrum: head -> feet
+COMPACT_CLASSES = (11, 14, 15, 16, 17, 18, 19)  # brain, heart, liver, spleen, kidneys, bladder: one piece in z
+SPLIT_GAP_MM = 15.0
+SPLIT_MIN_SHARE = 0.05
 _DEFAULT_ATLAS: list[Atlas] = []
 
 
@@ -37,6 +40,7 @@ class QcReport:
     volume_ratios: tuple[tuple[str, float], ...]
     left_right_consistent: bool
     spine_order_consistent: bool
+    split_anatomies: tuple[str, ...]
     findings: tuple[str, ...]
 
     def to_json(self) -> dict[str, Any]:
@@ -45,6 +49,7 @@ class QcReport:
         d["residual_mm"] = None if not np.isfinite(self.residual_mm) else round(float(self.residual_mm), 2)
         d["volume_ratios"] = {n: round(float(r), 3) for n, r in self.volume_ratios}
         d["anatomies_found"] = list(self.anatomies_found)
+        d["split_anatomies"] = list(self.split_anatomies)
         d["findings"] = list(self.findings)
         return d
 
@@ -97,8 +102,35 @@ def check(anatomy: Volume, registration: Registration, atlas: Atlas | None = Non
     spine_ok = all(z[i] < z[i + 1] for i in range(len(z) - 1))
     if not spine_ok:
         findings.append("vertebral classes out of head-to-feet order: mislabelled vertebrae or corrupted slice order")
+    split = _split_along_z(scan)
+    for name, gap in split:
+        findings.append(f"{name} is split along the head-feet axis by {gap:.0f} mm: corrupted slice order or mislabel")
     warn = [f for f in findings if not f.startswith("orientation not verified")]
     return QcReport(ok=not warn, residual_mm=res, orientation_verified=bool(registration.verified),
                     anatomies_found=tuple(CLASS_NAMES[c] for c in range(N_CLASSES) if present[c]),
                     volume_ratios=tuple(ratios), left_right_consistent=lr_ok, spine_order_consistent=spine_ok,
-                    findings=tuple(findings))
+                    split_anatomies=tuple(n for n, _ in split), findings=tuple(findings))
+
+
+def _split_along_z(scan: Any) -> list[tuple[str, float]]:
+    """Compact anatomies whose slices (frame axis 0) have a gap >= SPLIT_GAP_MM between two parts
+    that each hold >= SPLIT_MIN_SHARE of the anatomy: (name, gap mm)."""
+    sp = float(scan.grid.spacing[0])
+    n = scan.grid.array.shape[0]
+    zi = np.round((scan.q[:, 0] + scan.grid.centre[0] - scan.grid.origin[0]) / sp).astype(np.int64)
+    out = []
+    for c in COMPACT_CLASSES:
+        sel = scan.cls == c - 1
+        if not np.any(sel):
+            continue
+        prof = np.bincount(zi[sel], weights=scan.w[sel], minlength=n)
+        occupied = np.flatnonzero(prof > 0)
+        total = prof.sum()
+        for a, b in zip(occupied[:-1], occupied[1:]):
+            gap = (b - a - 1) * sp
+            if gap >= SPLIT_GAP_MM:
+                below = prof[: a + 1].sum() / total
+                if min(below, 1 - below) >= SPLIT_MIN_SHARE:
+                    out.append((CLASS_NAMES[c - 1], gap))
+                    break
+    return out

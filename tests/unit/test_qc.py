@@ -78,3 +78,14 @@ def test_lumbar_labelled_cervical_is_flagged(atlas, phantom):
     wrong = _relabel(phantom, {L["cervical_vertebrae"]: 0, L["lumbar_vertebrae"]: L["cervical_vertebrae"]})
     rep = qc.check(wrong, register(wrong, atlas), atlas)
     assert not rep.spine_order_consistent and not rep.ok
+
+
+def test_corrupted_slice_order_splits_organs(atlas, phantom):
+    """The paper's MSD-colon corruption: a block of slices stacked in the wrong place."""
+    arr = np.asarray(phantom.array)
+    liver_z = np.flatnonzero(np.any(arr == CLASS_INDEX["liver"], axis=(1, 2)))
+    cut = int(liver_z[len(liver_z) // 2])  # move everything from mid-liver down to the top of the stack
+    broken = phantom.with_array(np.ascontiguousarray(np.concatenate([arr[cut:], arr[:cut]])))
+    rep = qc.check(broken, register(broken, atlas), atlas)
+    assert "liver" in rep.split_anatomies and not rep.ok
+    assert not qc.check(phantom, register(phantom, atlas), atlas).split_anatomies
