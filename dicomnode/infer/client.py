@@ -62,6 +62,8 @@ def _is_transient(exc: BaseException) -> bool:
             return True
         if "stub process" in msg and "not healthy" in msg:  # the model's backend process died (e.g. OOM
             return True  # kill): gRPC says INTERNAL, HTTP 500; it works again once Triton is restarted
+        if "has no available versions" in msg:  # known model, not loaded yet: a (re)starting server
+            return True
         return status in _TRANSIENT_STATUS or status == "None" or "timed out" in msg or "timeout" in msg
     try:
         import gevent
