@@ -83,12 +83,41 @@ def exact_regrid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarr
     return out
 
 
+def antialias_factors(volume: Volume, spacing: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Integer block sizes per source axis to average before resampling to ``spacing``.
+
+    ``floor(factor)`` where the canonical axis most aligned with the source axis is ``factor`` times
+    coarser; 1 (no averaging) below 2x.
+    """
+    coarse = np.asarray(spacing, dtype=np.float64)
+    out = []
+    for i, sp in enumerate(volume.spacing):
+        axis = int(np.argmax(np.abs(volume.direction[:, i] @ CANONICAL_DIRECTION)))
+        out.append(max(1, int(math.floor(coarse[axis] / sp + 1e-6))))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def block_mean(array: np.ndarray, affine: np.ndarray, k: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 means of k0 x k1 x k2 blocks, the affine of the block grid); edges padded by replication."""
+    pad = [(0, (-n) % f) for n, f in zip(array.shape, k)]
+    a = np.pad(array, pad, mode="edge") if any(p[1] for p in pad) else array
+    n = [s // f for s, f in zip(a.shape, k)]
+    out = a.reshape(n[0], k[0], n[1], k[1], n[2], k[2]).mean(axis=(1, 3, 5), dtype=np.float32)
+    aff = np.array(affine, dtype=np.float64)
+    new = aff.copy()
+    new[:3, :3] = aff[:3, :3] * np.asarray(k, dtype=np.float64)
+    new[:3, 3] = aff[:3, :3] @ ((np.asarray(k, dtype=np.float64) - 1) / 2) + aff[:3, 3]
+    return out, new
+
+
 def to_model_grid(volume: Volume, manifest: ModelManifest) -> Volume:
     """``volume`` linearly resampled onto the model's canonical grid (float32).
 
     Each source voxel covers +-0.5 voxel around its centre: grid points within that extent get
     (edge-clamped) linear interpolation, so edge slices survive rounding; points outside it (the
-    corners of an oblique volume's bounding box) get the volume's minimum (air for CT).
+    corners of an oblique volume's bounding box) get the volume's minimum (air for CT). Axes
+    downsampled 2x or more are block-averaged first (:func:`antialias_factors`), so a 0.7 mm scan
+    at 3 mm has about the noise of a 3 mm reconstruction rather than single-voxel samples.
     """
     from scipy import ndimage
 
@@ -97,11 +126,15 @@ def to_model_grid(volume: Volume, manifest: ModelManifest) -> Volume:
     fast = exact_regrid(np.asarray(volume.array), volume.affine, aff, shape, fill)
     if fast is not None:
         return dataclasses.replace(volume, array=fast.astype(np.float32, copy=False), affine=aff)
-    m = np.linalg.inv(volume.affine) @ aff
     src = np.ascontiguousarray(volume.array)  # no float copy of a large int16 CT: output is float32
+    src_affine = volume.affine
+    k = antialias_factors(volume, manifest.spacing_mm)
+    if max(k) > 1:
+        src, src_affine = block_mean(src, src_affine, k)
+    m = np.linalg.inv(src_affine) @ aff
     out = ndimage.affine_transform(src, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=1,
                                    mode="nearest", prefilter=False, output=np.float32)
-    inside = ndimage.affine_transform(np.ones(volume.shape, np.uint8), m[:3, :3], offset=m[:3, 3],
+    inside = ndimage.affine_transform(np.ones(src.shape, np.uint8), m[:3, :3], offset=m[:3, 3],
                                       output_shape=shape, order=0, mode="grid-constant", cval=0, prefilter=False)
     out[inside == 0] = fill
     return dataclasses.replace(volume, array=out, affine=aff)
