@@ -319,6 +319,12 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
         problems.append("completion: quiet_period_s and max_wait_s must be positive")
     elif c.max_wait_s < c.quiet_period_s:
         problems.append("completion.max_wait_s: must be at least quiet_period_s")
+    r = cfg.results
+    if not re.match(r"^[A-Z0-9_ ]{1,16}$", r.seg_content_label):
+        problems.append("results.seg_content_label: 1-16 upper-case letters, digits, '_' or space (DICOM CS)")
+    for key, number in (("results.seg_series_number", r.seg_series_number), ("results.sr_series_number", r.sr_series_number)):
+        if not 0 <= number <= 2**31 - 1:
+            problems.append(f"{key}: must be 0..2147483647")
     t = cfg.triton
     if t.url != "local" and not re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", t.url):
         problems.append('triton.url: "local" or "host:port"')

@@ -250,3 +250,16 @@ def test_enhanced_multiframe_source() -> None:
     shifted[2, 3] += 1.0
     with pytest.raises(SeriesError, match="geometry"):
         build_seg([mf], [Prediction(Volume(array=lab, affine=shifted, source=frames), manifest())], CFG)
+
+
+def test_config_checks_results_section() -> None:
+    from dicomnode.config import parse_config
+    from dicomnode.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="seg_content_label"):
+        parse_config({"results": {"seg_content_label": "lower case"}})
+    cfg = parse_config({"results": {"seg_series_number": 42, "seg_series_description": "AI organs"}}).results
+    src = make_series()
+    vol = source_volume(src)
+    seg = build_seg(src, [Prediction(vol.with_array(_labels(vol.shape)), manifest())], cfg)
+    assert seg.SeriesNumber == 42 and seg.SeriesDescription == "AI organs" and seg.ContentLabel == "DICOMNODE"
