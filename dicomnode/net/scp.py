@@ -28,7 +28,6 @@ from io import BytesIO
 from typing import Any, Callable
 
 import pydicom
-from pydicom.tag import Tag
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -37,7 +36,12 @@ from dicomnode.config import Config
 from dicomnode.errors import InstanceRejected
 from dicomnode.net import dimse
 from dicomnode.net.acceptor import AcceptorServer
-from dicomnode.net.header import scan_header, split_multi
+from dicomnode.net.header import (  # noqa: F401  (parse_header, file_meta_bytes: public here too)
+    IMPLEMENTATION_VERSION,
+    file_meta_bytes,
+    header_from_chunks,
+    parse_header,
+)
 from dicomnode.net.security import REJECT_UNKNOWN_CALLER, AllowList, looks_like_tls, server_ssl_context
 from dicomnode.ops.logs import quiet_third_party, series_key
 from dicomnode.store.db import Database
@@ -45,108 +49,6 @@ from dicomnode.store.records import InstanceMeta
 from dicomnode.store.spool import Spool, valid_uid
 
 LOG = logging.getLogger("dicomnode.scp")
-IMPLEMENTATION_VERSION = b"DICOMNODE_01"
-
-_HEADER_TAGS = [Tag(t) for t in (
-    0x00080016, 0x00080018, 0x00080060, 0x0020000D, 0x0020000E, 0x00200013, 0x00200032, 0x00200037,
-    0x00200052, 0x00280008,
-)]
-
-
-def _element(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
-    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
-        return struct.pack("<HH2sHI", tag[0], tag[1], vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", tag[0], tag[1], vr, len(value)) + value
-
-
-def _ui(value: str) -> bytes:
-    b = value.encode("ascii")
-    return b + b"\x00" if len(b) % 2 else b
-
-
-def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
-    """Preamble, ``DICM`` and an explicit-VR-little-endian group 0002 for the raw dataset."""
-    ae = source_ae.strip().encode("ascii", "replace")
-    if len(ae) % 2:
-        ae += b" "
-    body = b"".join((
-        _element((0x0002, 0x0001), b"OB", b"\x00\x01"),
-        _element((0x0002, 0x0002), b"UI", _ui(sop_class)),
-        _element((0x0002, 0x0003), b"UI", _ui(sop_instance)),
-        _element((0x0002, 0x0010), b"UI", _ui(transfer_syntax)),
-        _element((0x0002, 0x0012), b"UI", _ui(str(PYNETDICOM_IMPLEMENTATION_UID))),
-        _element((0x0002, 0x0013), b"SH", IMPLEMENTATION_VERSION),
-        *((_element((0x0002, 0x0016), b"AE", ae),) if ae else ()),
-    ))
-    return b"\x00" * 128 + b"DICM" + _element((0x0002, 0x0000), b"UL", struct.pack("<I", len(body))) + body
-
-
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == n and all(v == v and abs(v) < 1e7 for v in out) else None
-
-
-_KEYS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "InstanceNumber",
-         "ImagePositionPatient", "ImageOrientationPatient", "FrameOfReferenceUID", "NumberOfFrames")
-
-
-def parse_header(part10: bytes, *, sop_class: str, sop_instance: str) -> dict[str, Any]:
-    """The header fields the node keeps, from a Part-10 byte string (pydicom); pixel data is never read.
-
-    Raises InstanceRejected 0xC000 when unparseable or a UID is invalid, 0xA900 when the dataset
-    contradicts the command or lacks a type 1 UID.
-    """
-    try:
-        ds = pydicom.dcmread(BytesIO(part10), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        vals = {k: ds.get(k) for k in _KEYS}
-    except Exception as exc:  # pydicom raises many types on hostile input
-        raise InstanceRejected(dimse.STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed") from exc
-    return _checked(vals, sop_class, sop_instance)
-
-
-def header_from_chunks(chunks: list[Any], ts: str, meta_bytes: bytes, *, sop_class: str,
-                       sop_instance: str) -> dict[str, Any]:
-    """Like :func:`parse_header` for a received data set: the fast scanner on its first fragment
-    (``net/header.py``), pydicom on the whole Part-10 bytes when the scanner is not sure."""
-    raw = scan_header(chunks[0], ts) if chunks else None
-    if raw is None:
-        return parse_header(b"".join((meta_bytes, *chunks)), sop_class=sop_class, sop_instance=sop_instance)
-    vals: dict[str, Any] = {k: raw.get(k) for k in _KEYS}
-    for k in ("ImagePositionPatient", "ImageOrientationPatient"):
-        vals[k] = split_multi(vals[k])
-    return _checked(vals, sop_class, sop_instance)
-
-
-def _checked(vals: dict[str, Any], sop_class: str, sop_instance: str) -> dict[str, Any]:
-    for key in ("StudyInstanceUID", "SeriesInstanceUID"):
-        if not vals[key]:
-            raise InstanceRejected(dimse.STATUS_DATASET_MISMATCH, f"{key} missing")
-        if not valid_uid(str(vals[key])):
-            raise InstanceRejected(dimse.STATUS_CANNOT_UNDERSTAND, f"{key} invalid")
-    if vals["SOPInstanceUID"] and str(vals["SOPInstanceUID"]) != sop_instance:
-        raise InstanceRejected(dimse.STATUS_DATASET_MISMATCH, "SOP instance UID differs from the command")
-    if vals["SOPClassUID"] and str(vals["SOPClassUID"]) != sop_class:
-        raise InstanceRejected(dimse.STATUS_DATASET_MISMATCH, "SOP class UID differs from the command")
-    try:
-        number = int(vals["InstanceNumber"]) if vals["InstanceNumber"] not in (None, "") else None
-    except (TypeError, ValueError):
-        number = None
-    try:
-        frames = max(1, int(vals["NumberOfFrames"])) if vals["NumberOfFrames"] not in (None, "") else 1
-    except (TypeError, ValueError):
-        frames = 1
-    for_uid = str(vals["FrameOfReferenceUID"] or "")
-    return {
-        "study": str(vals["StudyInstanceUID"]), "series": str(vals["SeriesInstanceUID"]),
-        "modality": str(vals["Modality"] or "")[:16], "number": number,
-        "position": _floats(vals["ImagePositionPatient"], 3),
-        "orientation": _floats(vals["ImageOrientationPatient"], 6),
-        "frames": frames, "for_uid": for_uid if valid_uid(for_uid) else "",
-    }
-
 
 _ACCEPTED_TS = frozenset(dimse.ACCEPTED_TRANSFER_SYNTAXES)
 

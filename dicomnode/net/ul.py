@@ -18,12 +18,9 @@ PS3.7 means the defaults (requestor is SCU, one outstanding operation). Anything
 from __future__ import annotations
 
 import logging
-import socket
 import struct
-import threading
-import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 LOG = logging.getLogger("dicomnode.ul")
 

@@ -10,8 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-from dicomnode.net.header import scan_header, split_multi
-from dicomnode.net.scp import _checked, parse_header, file_meta_bytes
+from dicomnode.net.header import _checked, file_meta_bytes, parse_header, scan_header, split_multi
 
 EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 
