@@ -307,3 +307,16 @@ def test_jpeg2000_and_enhanced_multiframe(node: NodeProcess, tmp_path: Path) -> 
     with _db(node) as c:
         assert c.execute("SELECT frames FROM instances WHERE sop_instance_uid=?",
                          (mf.SOPInstanceUID,)).fetchone()[0] == 4
+
+
+def test_real_scanner_slices_stored_byte_identical(node: NodeProcess, shared_data: Path) -> None:
+    """Three real GE CT slices (dcmqi test data) go in by storescu and are kept byte for byte."""
+    files = sorted((shared_data / "dcmqi_seg" / "ct-3slice").glob("*.dcm"))
+    r = storescu(files, node.port)
+    assert r.returncode == 0 and len(acked_files(r.stderr)) == 3, r.stderr[-1500:]
+    spool = node.config.parent / "data" / "spool"
+    for f in files:
+        sop = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        with _db(node) as c:
+            rel = c.execute("SELECT path FROM instances WHERE sop_instance_uid=?", (sop,)).fetchone()[0]
+        assert _dataset_bytes(spool / rel) == _dataset_bytes(f)

@@ -94,3 +94,22 @@ def test_not_sure_cases_return_none() -> None:
 def test_scanner_never_raises(data: bytes, ts: str) -> None:
     out = scan_header(data, ts)
     assert out is None or isinstance(out, dict)
+
+
+def test_scan_matches_pydicom_on_real_scanner_files(shared_data) -> None:  # type: ignore[no-untyped-def]
+    """Real GE CT slices (private tags, sequences): the fast path agrees with pydicom."""
+    import pydicom
+
+    from dicomnode.net.header import header_from_chunks
+
+    files = sorted((shared_data / "dcmqi_seg" / "ct-3slice").glob("*.dcm"))
+    assert files
+    for f in files:
+        raw = f.read_bytes()
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        body = raw[132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength):]
+        assert scan_header(body, ts) is not None or ts in ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")
+        meta = file_meta_bytes(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, "X")
+        kw = {"sop_class": str(ds.SOPClassUID), "sop_instance": str(ds.SOPInstanceUID)}
+        assert header_from_chunks([memoryview(body)], ts, meta, **kw) == parse_header(meta + body, **kw)
