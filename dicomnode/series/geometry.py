@@ -105,13 +105,20 @@ class StackGeometry:
             step = self.normal * (span / (self.n - 1)) + d_off[0] * self.row + d_off[1] * self.col
         return _affine(first_position, self.row, self.col, self.pixel_spacing, step)
 
+    @property
+    def target_offset(self) -> np.ndarray:
+        """In-plane origin of the regular grid: the first slice's, or the mean of a tilted stack."""
+        if self.needs_resample and (self.irregular or self.tilt_deg > 1e-3):
+            return self.offsets.mean(axis=0)
+        return self.offsets[0]
+
     def regular_affine(self) -> tuple[np.ndarray, int]:
         """Orthogonal target grid (affine, number of slices) spanning the stack at ``spacing``.
 
-        The in-plane origin is the mean in-plane offset of the slices (the middle of a tilted stack).
+        The in-plane origin is :attr:`target_offset` (the middle of a tilted stack, else the first slice).
         """
         k = 1 if self.n == 1 else int(round((self.depths[-1] - self.depths[0]) / self.spacing)) + 1
-        off = self.offsets.mean(axis=0) if self.needs_resample else self.offsets[0]
+        off = self.target_offset
         origin = self.depths[0] * self.normal + off[0] * self.row + off[1] * self.col
         return _affine(origin, self.row, self.col, self.pixel_spacing, self.normal * self.spacing), k
 
@@ -214,7 +221,7 @@ def resample_stack(slices: np.ndarray, geo: StackGeometry, cval: float) -> tuple
     from scipy import ndimage
 
     affine, k = geo.regular_affine()
-    target_off = geo.offsets.mean(axis=0)
+    target_off = geo.target_offset
     out = np.empty((k, slices.shape[1], slices.shape[2]), dtype=np.float32)
     cache: dict[int, np.ndarray] = {}
 
@@ -224,7 +231,7 @@ def resample_stack(slices: np.ndarray, geo: StackGeometry, cval: float) -> tuple
             dr = (target_off[1] - geo.offsets[i, 1]) / geo.pixel_spacing[0]
             dc = (target_off[0] - geo.offsets[i, 0]) / geo.pixel_spacing[1]
             src = slices[i].astype(np.float32, copy=False)
-            if abs(dr) < 1e-6 and abs(dc) < 1e-6:
+            if abs(dr) < 1e-3 and abs(dc) < 1e-3:  # rounding noise of the positions: no shift
                 cache[i] = src
             else:
                 cache[i] = ndimage.shift(src, (-dr, -dc), order=1, mode="constant", cval=cval, prefilter=False)
