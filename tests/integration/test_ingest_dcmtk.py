@@ -310,9 +310,10 @@ def test_jpeg2000_and_enhanced_multiframe(node: NodeProcess, tmp_path: Path) -> 
 
 
 def test_real_scanner_slices_stored_byte_identical(node: NodeProcess, shared_data: Path) -> None:
-    """Three real GE CT slices (dcmqi test data) go in by storescu and are kept byte for byte."""
+    """Three real GE CT slices (dcmqi test data, implicit VR) go in by storescu (proposing implicit
+    VR only, so it sends them unconverted) and are kept byte for byte."""
     files = sorted((shared_data / "dcmqi_seg" / "ct-3slice").glob("*.dcm"))
-    r = storescu(files, node.port)
+    r = storescu(files, node.port, extra=["-xi"])
     assert r.returncode == 0 and len(acked_files(r.stderr)) == 3, r.stderr[-1500:]
     spool = node.config.parent / "data" / "spool"
     for f in files:
