@@ -141,12 +141,29 @@ class _Scan:
     trunc: np.ndarray  # (19, 3, 2) bool: touches the (low, high) border along each frame axis
 
 
+def _drop_isolated(lab: np.ndarray) -> np.ndarray:
+    """Labels with every voxel that has no 6-neighbour of its own class set to 0 (speckle noise)."""
+    lab = np.asarray(lab)
+    keep = np.zeros(lab.shape, bool)
+    for a in range(3):
+        n = lab.shape[a]
+        if n < 2:
+            continue
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[a], hi[a] = slice(0, n - 1), slice(1, n)
+        same = lab[tuple(lo)] == lab[tuple(hi)]
+        keep[tuple(lo)] |= same
+        keep[tuple(hi)] |= same
+    return np.where(keep, lab, 0)
+
+
 def _scan_points(anatomy: Volume, probabilities: np.ndarray | None) -> _Scan:
     grid = frame_aligned(anatomy)
     arr = grid.array
     shape = np.asarray(arr.shape)
     if probabilities is None:
-        lab = arr if arr.dtype.kind in "iu" else arr.astype(np.int64)
+        lab = _drop_isolated(arr if arr.dtype.kind in "iu" else arr.astype(np.int64))
         sel = (lab >= 1) & (lab <= N_CLASSES)
         idx = np.argwhere(sel)
         cls = lab[sel].astype(np.int64) - 1
