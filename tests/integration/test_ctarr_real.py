@@ -268,3 +268,24 @@ def test_damaged_segmentations_never_claim_a_wrong_orientation(atlas, ts, class_
             decided += 1
             assert _same_up_to_turn(apply_orientation(clean, reg), lab, clean), (damage, k, flip)
     assert decided >= 6, damage  # measured: 8/8 for each damage on example_ct
+
+
+def test_locate_on_a_dicom_series_at_finer_resolution(ts, tmp_path):
+    """DICOM input at 1.5 mm in-plane, anatomy labels on the 3 mm NIfTI grid: boxes in (slice, row, column)
+    of the series hold the organs (boxes go through LPS mm, not through array indices)."""
+    from tests.ct_dicom import nifti_to_dicom, reference_on_series
+
+    series = nifti_to_dicom(ts / "example_ct.nii.gz", tmp_path / "ct", shape_ijk=(244, 202, 112))
+    out = subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", "regions", "locate", str(series.folder),
+         "--labels", str(ts / "example_seg_fast_force_split.nii.gz"), "--class-map", str(ts / "class_maps.json"),
+         "--regions", "liver", "spleen", "kidneys", "urinary_bladder", "--json"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["input"]["path_kind"].startswith("dicom") and doc["input"]["shape"] == list(series.shape)
+    ref = reference_on_series(ts / "example_seg_fast_force_split.nii.gz", series)
+    ids = {"liver": (5,), "spleen": (1,), "kidneys": (2, 3), "urinary_bladder": (21,)}
+    for name, labels in ids.items():
+        box = doc["regions"][name]["union"]
+        assert box_voxels_inside(np.isin(ref, labels), box["lower"], box["upper"]) >= 0.99, name
