@@ -248,7 +248,8 @@ class NodeSink:
 
 
 class MetricsServer:
-    """``NodeMetrics`` served on ``web.host:web.metrics_port`` as a node service."""
+    """``NodeMetrics`` served on ``web.host:web.metrics_port`` as a node service (behind the
+    ``web.token_env`` bearer token when that variable is set, like the status page)."""
 
     def __init__(self, cfg: Config, metrics: Any) -> None:
         self.cfg = cfg
@@ -257,7 +258,8 @@ class MetricsServer:
 
     def start(self) -> None:
         """Bind and serve; raises OSError when the port is taken."""
-        self.port = self.metrics.serve(self.cfg.web.host, self.cfg.web.metrics_port)
+        self.port = self.metrics.serve(self.cfg.web.host, self.cfg.web.metrics_port,
+                                       token=self.cfg.secret(self.cfg.web.token_env) or "")
         log.info("metrics on http://%s:%d/metrics", self.cfg.web.host, self.port)
 
     def stop(self) -> None:

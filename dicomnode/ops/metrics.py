@@ -90,12 +90,16 @@ class NodeMetrics:
         """Export job/series (and outbox) counts per state at scrape time."""
         self.registry.register(_DatabaseCollector(db, pool, outbox))
 
-    def serve(self, host: str, port: int) -> int:
+    def serve(self, host: str, port: int, token: str = "") -> int:
         """Start the /metrics HTTP server on ``host:port`` (0 picks a port); returns the port.
 
-        Raises OSError when the port cannot be bound.
+        With ``token`` every request needs ``Authorization: Bearer <token>`` (else 401), like the
+        status page. Raises OSError when the port cannot be bound.
         """
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        if not token:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        else:
+            server, thread = _token_server(host, port, self.registry, token)
         self._server, self._thread = server, thread
         return int(server.server_address[1])
 
@@ -105,3 +109,34 @@ class NodeMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _token_server(host: str, port: int, registry: CollectorRegistry, token: str) -> tuple[Any, threading.Thread]:
+    """A /metrics server that answers 401 unless the bearer token matches (compared in constant time)."""
+    import hmac
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - never log requests
+            return
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            header = self.headers.get("Authorization", "")
+            given = header[7:] if header.startswith("Bearer ") else ""
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                status, body, ctype = 401, b"unauthorised\n", "text/plain; charset=utf-8"
+            else:
+                status, body, ctype = 200, generate_latest(registry), CONTENT_TYPE_LATEST
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return server, thread

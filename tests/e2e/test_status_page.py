@@ -77,7 +77,12 @@ def test_status_json_shows_the_processed_series_without_patient_data(processed_n
     assert err.value.code == 401
     assert urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=10).status == 200
     # Prometheus: one job done, its stages observed, database gauges
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with pytest.raises(urllib.error.HTTPError) as err:  # the metrics need the token too
+        urllib.request.urlopen(metrics_url, timeout=10)
+    assert err.value.code == 401
+    metrics = urllib.request.urlopen(urllib.request.Request(metrics_url, headers={"Authorization": f"Bearer {token}"}),
+                                     timeout=10).read().decode()
     assert 'dicomnode_jobs_finished_total{state="done"} 1.0' in metrics
     assert 'dicomnode_stage_seconds_count{stage="infer:body"} 1.0' in metrics
     assert 'dicomnode_series{state="done"} 1.0' in metrics
