@@ -13,11 +13,13 @@ learn --anatomy A1 A2 ... --masks M1 M2 ... --name NAME [--threshold T]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -73,14 +75,11 @@ def _anatomy_labels(path: Path, class_map: str | None) -> Volume:
     return v.with_array(np.where((arr >= 0) & (arr <= N_CLASSES), arr, 0).astype(np.int16))
 
 
-def _infer_anatomy(volume: Volume, cfg: Any, triton_url: str | None = None) -> Volume:
-    """anatomy19 labels on the model's canonical 3 mm grid; ``local`` starts Triton for the call.
-
-    Raises TransientError (server unavailable) or ModelContractError.
+@contextlib.contextmanager
+def _anatomy_model(cfg: Any, triton_url: str | None = None) -> Iterator[Callable[[Volume], Volume]]:
+    """Yields ``segment(volume) -> anatomy19 labels`` on the model's canonical 3 mm grid; a ``local``
+    url starts the project's Triton for the duration. Raises TransientError or ModelContractError.
     """
-    import contextlib
-    import dataclasses
-
     from dicomnode.infer.client import InferenceClient
     from dicomnode.infer.server import LocalTriton
 
@@ -94,7 +93,7 @@ def _infer_anatomy(volume: Volume, cfg: Any, triton_url: str | None = None) -> V
             url = t.url
         client = stack.enter_context(InferenceClient.from_config(t, url))
         client.check_contract(["anatomy19"])
-        return client.segment_native(volume, "anatomy19").labels
+        yield lambda volume: client.segment_native(volume, "anatomy19").labels
 
 
 def _axes_of(path: Path) -> tuple[str, bool]:
@@ -122,7 +121,12 @@ def run_locate(args: argparse.Namespace) -> int:
     src = Path(args.input)
     volume = _read(src)
     t0 = time.perf_counter()
-    anatomy = _anatomy_labels(Path(args.labels), args.class_map) if args.labels else _infer_anatomy(volume, cfg, args.triton)
+    if args.labels:
+        anatomy = _anatomy_labels(Path(args.labels), args.class_map)
+    else:
+        with _anatomy_model(cfg, args.triton) as segment:
+            t0 = time.perf_counter()  # inference only, without the server start
+            anatomy = segment(volume)
     t_inf = time.perf_counter() - t0
     t1 = time.perf_counter()
     reg = register(anatomy, atlas)
@@ -195,9 +199,11 @@ def run_learn(args: argparse.Namespace) -> int:
         print("error: give one --masks file per --anatomy/--images file", file=sys.stderr)
         return 2
     pairs: list[tuple[Volume, Volume]] = []
-    for a, m in zip(sources, args.masks):
-        anatomy = _anatomy_labels(Path(a), args.class_map) if args.anatomy else _infer_anatomy(_read(Path(a)), cfg, args.triton)
-        pairs.append((anatomy, _mask_from(Path(m), args.mask_labels, args.class_map)))
+    with contextlib.ExitStack() as stack:
+        segment = None if args.anatomy or not sources else stack.enter_context(_anatomy_model(cfg, args.triton))
+        for a, m in zip(sources, args.masks):
+            anatomy = _anatomy_labels(Path(a), args.class_map) if segment is None else segment(_read(Path(a)))
+            pairs.append((anatomy, _mask_from(Path(m), args.mask_labels, args.class_map)))
     if args.phantoms:
         from dicomnode.commands.atlas import _phantom_maps
 
