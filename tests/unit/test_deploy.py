@@ -195,7 +195,11 @@ def test_k8s_triton_gets_a_gpu_and_the_model_repository() -> None:
     assert "--model-repository=/models" in c["args"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert any(m["mountPath"] == "/models" for m in c["volumeMounts"])
-    assert any(m["mountPath"] == "/models" for ic in pod["initContainers"] for m in ic["volumeMounts"])
+    (init,) = pod["initContainers"]
+    assert any(m["mountPath"] == "/models" for m in init["volumeMounts"])
+    assert init["command"][-2:] == ["inference.triton_repo", "/models"]  # GPU repository, built at start
+    (node,) = _by_kind("StatefulSet")
+    assert init["image"] == node["spec"]["template"]["spec"]["containers"][0]["image"]
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -227,8 +231,14 @@ def test_compose_schema_gpu_and_wiring() -> None:
     (dev,) = triton["deploy"]["resources"]["reservations"]["devices"]
     assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
     node = svc["node"]
-    assert (DEPLOY / node["build"]["context"]).resolve() == ROOT
-    assert (ROOT / node["build"]["dockerfile"]).is_file()
+    builder = svc["models"]  # builds the image and assembles the GPU model repository
+    assert (DEPLOY / builder["build"]["context"]).resolve() == ROOT
+    assert (ROOT / builder["build"]["dockerfile"]).is_file()
+    assert builder["image"] == node["image"]
+    assert builder["entrypoint"][-2:] == ["inference.triton_repo", "/models"]
+    models_volume = next(v.split(":")[0] for v in builder["volumes"] if v.split(":")[1] == "/models")
+    assert f"{models_volume}:/models:ro" in triton["volumes"] and models_volume in compose["volumes"]
+    assert triton["depends_on"]["models"]["condition"] == "service_completed_successfully"
     mounts = dict(v.split(":")[:2] for v in node["volumes"])
     cfg_src = (DEPLOY / next(src for src, dst in mounts.items() if dst == "/etc/dicomnode/node.toml")).resolve()
     cfg = parse_config(tomllib.loads(cfg_src.read_text()))
@@ -293,3 +303,26 @@ def test_dockerfile_copies_existing_paths_and_exposes_config_ports() -> None:
     exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split()}  # type: ignore[union-attr]
     assert {cfg.node.port, cfg.web.port, cfg.web.metrics_port} <= exposed
     assert re.search(r"^USER (?!root)\S+", text, re.M)
+
+
+def test_gpu_model_repository_is_assembled_from_the_shipped_models(tmp_path: Path) -> None:
+    """What the compose ``models`` service and the k8s init container run, on the real repository."""
+    from dicomnode.infer.models import load_manifest
+    from inference.triton_repo import PROJECT_REPO, make_gpu_repo
+
+    shipped = sorted(p.parent.name for p in PROJECT_REPO.glob("*/labels.json"))
+    assert shipped, "no models in triton_models/"
+    names = make_gpu_repo(PROJECT_REPO, tmp_path)
+    assert sorted(names) == shipped
+    for name in names:
+        cfg = (tmp_path / name / "config.pbtxt").read_text()
+        assert 'platform: "onnxruntime_onnx"' in cfg and "KIND_GPU" in cfg and f'name: "{name}"' in cfg
+        assert (tmp_path / name / "1" / "model.onnx").stat().st_size > 0
+        assert not (tmp_path / name / "1" / "model.py").exists()  # no python backend on the GPU server
+        assert load_manifest(tmp_path / name / "labels.json").name == name
+
+
+def test_dockerfile_installs_editable_so_resources_resolve() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^RUN pip install -e \.", text, re.M), "resources (triton_models, config/) resolve next to the package"
+    assert "COPY triton_models ./triton_models" in text and "COPY inference ./inference" in text
