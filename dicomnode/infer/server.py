@@ -197,6 +197,12 @@ class LocalTriton:
             "--backend-config=python,shm-default-byte-size=33554432",
             "--backend-config=python,shm-growth-byte-size=67108864",
         ]
+        # the server dies with the thread that started it, even on SIGKILL of the node (else a
+        # killed node leaves an orphaned server holding its ports and ~0.5-1 GB): util-linux setpriv
+        # sets PR_SET_PDEATHSIG and execs the server (no preexec_fn in a threaded process)
+        setpriv = shutil.which("setpriv")
+        if setpriv and sys.platform.startswith("linux"):
+            cmd = [setpriv, "--pdeathsig", "SIGTERM", "--", *cmd]
         log.info("starting tritonserver on %s (gRPC %s), models %s", self.http_url, self.grpc_url, self.models_dir)
         with open(self.log_path, "ab") as out:
             self._proc = subprocess.Popen(
