@@ -159,3 +159,23 @@ def test_sigkill_at_random_points_loses_nothing_and_results_arrive_once(tmp_path
         report("crash", {"rounds": len(rounds), "kills_inside_the_phase": hits, "seed": SEED, "slices": SLICES, "kills": rounds,
                          "jobs_total": jobs_total, "series": len(series_all), "wall_s": round(time.monotonic() - t_start, 1),
                          "orthanc": per_series})
+
+
+def test_sigkill_of_a_node_with_local_triton_leaves_no_orphaned_server(tmp_path: Path, start_node) -> None:  # type: ignore[no-untyped-def]
+    """``triton.url = "local"``: the node's own Triton server dies with the node, even on SIGKILL
+    (an orphan would hold its ports and ~0.5-1 GB, and every restart would add one)."""
+    import psutil
+
+    from tests.triton_fixture import VENV
+
+    if not (VENV / "bin" / "python").exists():
+        pytest.skip(f"the Triton server venv {VENV} is absent: run scripts/setup.sh")
+    extra = '[triton]\nurl = "local"\nprotocol = "grpc"\n\n[[pipelines]]\nname = "ct"\nmodalities = ["CT"]\nmodels = ["body"]\n'
+    node = start_node(extra=extra, timeout=180)
+    children = psutil.Process(node.proc.proc.pid).children(recursive=True)
+    assert any("tritonserver" in c.name() for c in children), [c.name() for c in children]
+    node.proc.kill()
+
+    def gone() -> bool:
+        return not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert wait_for(gone, 30, 0.2), [(c.pid, c.name()) for c in children if c.is_running()]
