@@ -266,17 +266,17 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
 
     Returns the outcome (done / quarantined / failed / retry) with per-stage timings.
     """
-    from dicomnode.results.seg import build_seg
-    from dicomnode.results.sr import build_sr, measure_predictions
-    from dicomnode.series.convert import read_headers, read_series
-    from dicomnode.series.geometry import to_canonical
-
     cfg = ctx.cfg
     key = series_key(job.series_instance_uid)
     timer = StageTimer(ctx.progress, ctx.client)
     headers: list[Any] = []
     pipeline: PipelineConfig | None = None
     try:
+        from dicomnode.results.seg import build_seg
+        from dicomnode.results.sr import build_sr, measure_predictions
+        from dicomnode.series.convert import read_headers, read_series
+        from dicomnode.series.geometry import to_canonical
+
         # 1. which pipeline: modality, body part, description from the headers
         with timer("select"):
             paths = ctx.source.paths(job)
@@ -324,8 +324,8 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
                 with timer("qc"):
                     qc.update(anatomy_qc.check(anatomy.labels, reg, ctx.atlas).to_json())
                 if reg.reoriented and cfg.anatomy.correct_orientation:
-                    # the anatomy disagrees with the header: process in the anatomically correct
-                    # orientation; source_affine moves with it, so results still land on the source grid
+                    # the anatomy disagrees with the header: the models see the anatomically correct
+                    # orientation; every result is re-described in header coordinates (to_header)
                     with timer("orient:correct"):
                         to_header = _header_view(volume, correction_matrix(reg))
                         volume = apply_orientation(volume, reg)
