@@ -82,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         bar.set_postfix_str("starting inference")
+        import threading
+
+        from dicomnode.warmup import warm_up
+
+        threading.Thread(target=warm_up, args=(cfg.results,), daemon=True).start()  # while Triton starts
         try:
             inference.start()
         except ModelContractError as exc:

@@ -145,3 +145,12 @@ def test_memory_budget_serialises_jobs_that_do_not_fit_together(db: SqliteDataba
     finally:
         pool.stop(5)
     assert peak[0] == 1  # each needs 100 kB of a 150 kB budget: one at a time despite 3 workers
+
+
+def test_warm_up_builds_a_seg_and_sr_without_failing(caplog: pytest.LogCaptureFixture) -> None:
+    from dicomnode.config import ResultsConfig
+    from dicomnode.warmup import warm_up
+
+    with caplog.at_level("WARNING", logger="dicomnode.warmup"):
+        warm_up(ResultsConfig())
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
