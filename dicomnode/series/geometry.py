@@ -170,7 +170,9 @@ def analyse_stack(
     diffs = np.diff(d)
     if float(diffs.min()) <= spacing_tolerance_mm / 2:
         raise SeriesError("duplicate_positions", kind="geometry")
-    srt = np.sort(diffs)  # median without np.median (its first call imports numpy.ma: ~0.1 s)
+    # nominal spacing: median of the steps that are not gaps (a missing slice only makes a step
+    # bigger, so steps within 1.5x the smallest are the regular ones; also right for 3 slices)
+    srt = np.sort(diffs[diffs <= 1.5 * float(diffs.min())])  # no np.median: it imports numpy.ma (~0.1 s)
     nominal = float(srt[(len(srt) - 1) // 2] + srt[len(srt) // 2]) / 2
     uniform = float(diffs.max() - diffs.min()) <= spacing_tolerance_mm
     if uniform:  # the mean step puts the first and the last slice exactly where they are

@@ -67,6 +67,12 @@ def test_analyse_stack_measures_spacing_gaps_and_tilt() -> None:
     pos = np.array([[0, 0, z] for z in (0, 2, 4, 8, 10)], float)
     g = analyse_stack(pos[::-1], (1, 0, 0, 0, 1, 0), (0.5, 0.5), spacing_tolerance_mm=0.05, tilt_tolerance_deg=0.05)
     assert g.spacing == 2 and g.gaps == 1 and g.needs_resample == "gap" and list(g.order) == [4, 3, 2, 1, 0]
+    three = np.array([[0, 0, z] for z in (0, 2, 6)], float)  # too few steps for a median to tell
+    g = analyse_stack(three, (1, 0, 0, 0, 1, 0), (0.5, 0.5), spacing_tolerance_mm=0.05, tilt_tolerance_deg=0.05)
+    assert g.spacing == 2 and g.gaps == 1 and g.needs_resample == "gap"
+    jitter = np.array([[0, 0, z] for z in (0, 2, 4.4, 6.4, 8.4)], float)  # uneven, but no slice missing
+    g = analyse_stack(jitter, (1, 0, 0, 0, 1, 0), (0.5, 0.5), spacing_tolerance_mm=0.05, tilt_tolerance_deg=0.05)
+    assert g.gaps == 0 and g.needs_resample == "nonuniform"
     tilted = np.array([[0, 0.5 * k, 2.0 * k] for k in range(5)], float)
     g = analyse_stack(tilted, (1, 0, 0, 0, 1, 0), (0.5, 0.5), spacing_tolerance_mm=0.05, tilt_tolerance_deg=0.05)
     assert g.needs_resample == "tilt" and g.tilt_deg == pytest.approx(np.degrees(np.arctan(0.25)))
