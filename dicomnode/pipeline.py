@@ -358,10 +358,11 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
                         pasted = paste_back(pred, volume)
                         predictions.append((models_for[name], dataclasses.replace(pasted, labels=to_header(pasted.labels))))
         # 7. results: SEG (one segment per label, mapped back onto the source frames) + SR
-        with timer("results"):
+        with timer("results"), ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
             preds = [p for _, p in predictions]
+            measuring = pool.submit(measure_predictions, preds, source)  # volumes + mean HU, alongside the SEG
             seg = build_seg(headers, preds, cfg.results)
-            measured = measure_predictions(preds, source)
+            measured = measuring.result()
             summary = SeriesSummary(
                 series_key=key, pipeline=pipeline.name, modality=source.modality, shape=source.shape,
                 spacing_mm=source.spacing, header_orientation=_orientation_code(source),
