@@ -37,7 +37,7 @@ from dicomnode.net.ul import (
 
 LOG = logging.getLogger("dicomnode.ul")
 VERIFICATION = "1.2.840.10008.1.1"
-ARTIM_S = 30.0  # a connection must send its A-ASSOCIATE-RQ within this (or the network timeout)
+ARTIM_S = 10.0  # a connection must send its A-ASSOCIATE-RQ within this (or the network timeout)
 
 
 class AcceptorServer:
@@ -65,6 +65,8 @@ class AcceptorServer:
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
         self._active = 0
+        self._pending = 0
+        self.max_pending = 4 * max_associations + 16
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -124,9 +126,18 @@ class AcceptorServer:
 
     # ---- one connection --------------------------------------------------------------------
     def _serve(self, raw: socket.socket, host: str) -> None:
+        # A connection is "pending" until its A-ASSOCIATE-RQ is in; only accepted associations count
+        # against max_associations, so idle connections cannot lock known peers out. Pending ones
+        # are bounded separately (max_pending) and must send their request within ARTIM_S.
+        state = {"pending": True, "active": False}
         sock: socket.socket | None = raw
-        counted = False
+        with self._lock:
+            self._pending += 1
+            too_many = self._pending > self.max_pending
         try:
+            if too_many:
+                LOG.warning("connection dropped: %d connections have not associated yet", self.max_pending)
+                return
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(min(self.timeout_s, ARTIM_S))  # until the A-ASSOCIATE-RQ is in
             sock = self.prepare_socket(raw)
@@ -134,11 +145,7 @@ class AcceptorServer:
                 return
             with self._lock:
                 self._conns.add(sock)
-            with self._lock:
-                self._active += 1
-                counted = True
-                over = self._active > self.max_associations
-            self._associate_and_run(sock, host, over)
+            self._associate_and_run(sock, host, state)
         except (OSError, ProtocolError) as exc:
             LOG.info("association ended: %s", exc.__class__.__name__)
             if isinstance(exc, (ProtocolError, TimeoutError)) and sock is not None:
@@ -155,7 +162,9 @@ class AcceptorServer:
                     pass
         finally:
             with self._lock:
-                if counted:
+                if state["pending"]:
+                    self._pending -= 1
+                if state["active"]:
                     self._active -= 1
                 if sock is not None:
                     self._conns.discard(sock)
@@ -174,8 +183,11 @@ class AcceptorServer:
             raise ProtocolError("PDU too large")
         return pdu_type, _recv_exact(sock, length)
 
-    def _associate_and_run(self, sock: socket.socket, host: str, over_limit: bool) -> None:
+    def _associate_and_run(self, sock: socket.socket, host: str, state: dict[str, bool]) -> None:
         pdu_type, body = self._read_pdu(sock, 0)
+        with self._lock:
+            self._pending -= 1
+            state["pending"] = False
         if pdu_type != 0x01:
             raise ProtocolError("expected A-ASSOCIATE-RQ")
         rq = parse_associate_rq(bytes(body))
@@ -186,6 +198,11 @@ class AcceptorServer:
             LOG.warning("association refused: caller not allowed (host %s)", host)
             sock.sendall(encode_associate_rj(1, 1, 3))
             return
+        with self._lock:
+            over_limit = self._active >= self.max_associations
+            if not over_limit:
+                self._active += 1
+                state["active"] = True
         if over_limit:
             LOG.warning("association refused: %d associations already open", self.max_associations)
             sock.sendall(encode_associate_rj(2, 3, 2))

@@ -197,9 +197,6 @@ def test_idle_connections_are_dropped_and_an_association_flood_leaves_the_node_s
                               "rejected_associations": rejected})
 
 
-@pytest.mark.xfail(strict=True, reason="the acceptor counts connections against node.max_associations before "
-                   "their A-ASSOCIATE-RQ arrives: max_associations idle TCP connections from anyone lock every "
-                   "peer out until network_timeout_s drops them (reported to the ingest owner)")
 def test_idle_connections_do_not_lock_out_known_peers(start_node) -> None:  # type: ignore[no-untyped-def]
     node = start_node(node_extra="network_timeout_s = 10.0\nmax_associations = 4")
     idle = [socket.create_connection(("127.0.0.1", node.port), timeout=10) for _ in range(6)]
