@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 CANARY_NAME = "Canary^E2E"
 CANARY_ID = "CANARY-E2E-4411"
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -81,7 +82,7 @@ def _standard_in_plane(data: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, n
 
 def nifti_to_dicom(nifti: Path, folder: Path, *, shape_ijk: tuple[int, int, int] | None = None,
                    series_description: str = "e2e abdomen", body_part: str = "ABDOMEN",
-                   study_uid: str | None = None) -> CtSeries:
+                   study_uid: str | None = None, modality: str = "CT") -> CtSeries:
     """Write ``nifti`` as one DICOM file per k-slice into ``folder``; returns the series facts."""
     data, ras = _prepared(str(nifti), None if shape_ijk is None else tuple(shape_ijk))
     lps = RAS_TO_LPS @ ras  # (i, j, k) -> LPS
@@ -91,7 +92,8 @@ def nifti_to_dicom(nifti: Path, folder: Path, *, shape_ijk: tuple[int, int, int]
     col_cos = row_step / np.linalg.norm(row_step)
     pixel_spacing = (float(np.linalg.norm(row_step)), float(np.linalg.norm(col_step)))
     thickness = float(np.linalg.norm(slice_step))
-    hu = np.clip(np.rint(data), -1024, 3071).astype(np.int16)
+    hu = np.clip(np.rint(data), -1024 if modality == "CT" else 0, 3071 if modality == "CT" else 32767).astype(np.int16)
+    sop_class = CT_IMAGE if modality == "CT" else MR_IMAGE
     study_uid = study_uid or generate_uid()
     series_uid, for_uid = generate_uid(), generate_uid()
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,18 +104,18 @@ def nifti_to_dicom(nifti: Path, folder: Path, *, shape_ijk: tuple[int, int, int]
         ds = Dataset()
         fm = FileMetaDataset()
         sop_uid = generate_uid()
-        fm.MediaStorageSOPClassUID = CT_IMAGE
+        fm.MediaStorageSOPClassUID = sop_class
         fm.MediaStorageSOPInstanceUID = sop_uid
         fm.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = fm
-        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, sop_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, for_uid
         ds.PatientName, ds.PatientID = CANARY_NAME, CANARY_ID
         ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
         ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "ACC-CANARY", "1", ""
-        ds.Modality, ds.Manufacturer, ds.BodyPartExamined = "CT", "test", body_part
+        ds.Modality, ds.Manufacturer, ds.BodyPartExamined = modality, "test", body_part
         ds.SeriesDescription = series_description
         ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -124,10 +126,11 @@ def nifti_to_dicom(nifti: Path, folder: Path, *, shape_ijk: tuple[int, int, int]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.Rows, ds.Columns = nj, ni
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
-        ds.WindowCenter, ds.WindowWidth = 40, 400
+        if modality == "CT":
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+            ds.WindowCenter, ds.WindowWidth = 40, 400
         ds.PixelData = np.ascontiguousarray(hu[:, :, k].T).tobytes()
-        path = folder / f"ct{k:04d}.dcm"
+        path = folder / f"{modality.lower()}{k:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     # (slice, row, column) = (k, j, i) -> LPS

@@ -69,3 +69,30 @@ def test_process_quarantines_a_series_no_pipeline_takes(tmp_path: Path, shared_d
     summary = json.loads((out / "summary.json").read_text())
     assert summary["state"] == "quarantined" and summary["reason"] == "unsupported:no_pipeline"
     assert summary["files"] == ["sr.dcm"] and (out / "sr.dcm").is_file() and not (out / "seg.dcm").exists()
+
+
+def test_process_runs_the_mr_pipeline_on_a_real_mr(tmp_path: Path, shared_data: Path) -> None:
+    """The default config's pipeline choice: an abdominal MR gets body only (no CTARR), on the real MR."""
+    if not (ROOT / ".venv-triton" / "bin" / "python").exists():
+        pytest.skip("local Triton venv missing (.venv-triton; scripts/setup.sh makes it)")
+    series = nifti_to_dicom(shared_data / "totalsegmentator" / "example_mr_sm.nii.gz", tmp_path / "mr",
+                            modality="MR", series_description="t1 abdomen")
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "var"}"\n[triton]\nurl = "local"\n'
+        '[[pipelines]]\nname = "ct-full"\nmodalities = ["CT"]\nmodels = ["body", "no_such_ct_model"]\n'
+        '[[pipelines]]\nname = "mr-body"\nmodalities = ["MR"]\nmodels = ["body"]\n')
+    # every configured model must exist, even one only CT would use: the node refuses to start
+    res = subprocess.run([str(DICOMNODE), "process", str(series.folder), "--out", str(tmp_path / "x"),
+                          "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no_such_ct_model" in res.stderr
+    cfg.write_text(cfg.read_text().replace(', "no_such_ct_model"', ""))
+    out = tmp_path / "out"
+    res = subprocess.run([str(DICOMNODE), "process", str(series.folder), "--out", str(out), "--no-progress",
+                          "--config", str(cfg)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pipeline"] == "mr-body" and summary["modality"] == "MR"
+    assert [s["model"] for s in summary["segments"]] == ["body"] and summary["segments"][0]["mean_hu"] is None
+    assert not summary["orientation"]["checked"] and not any(k.startswith("infer:anatomy") for k in summary["stages_s"])
+    assert pydicom.dcmread(out / "seg.dcm").Modality == "SEG"
