@@ -127,7 +127,12 @@ class Spool:
                 os.close(fd)
             if parent not in self._known_dirs:
                 self._make_dirs(parent)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:  # the series folder was removed meanwhile (retention)
+                self._known_dirs.discard(parent)
+                self._make_dirs(parent)
+                os.replace(tmp, final)
             if self._fsync:
                 _fsync_dir(parent)
         except OSError as exc:

@@ -209,3 +209,14 @@ def test_spool_files_without_rows_are_reindexed(tmp_path: Path) -> None:
     assert sorted(m.sop_instance_uid for m in db.series_instances(info.series_uid)) == sorted(info.sop_uids)
     assert not sp.abspath(bogus).exists() and (sp.root / ".orphans" / "1.2.3.999.dcm").exists()
     assert index_orphans(db, sp) == 0  # idempotent
+
+
+def test_write_recreates_a_series_folder_removed_meanwhile(tmp_path: Path) -> None:
+    import shutil
+
+    sp = Spool(tmp_path / "spool")
+    rel = sp.relative_path(STUDY, SERIES, "1.2.3.1")
+    sp.write(rel, [b"a"])
+    shutil.rmtree(sp.abspath(rel).parent.parent)  # retention removed the study folder
+    sp.write(rel, [b"b"])
+    assert sp.abspath(rel).read_bytes() == b"b"
