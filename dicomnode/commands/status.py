@@ -24,15 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def collect(cfg: object, limit: int = 1000) -> dict[str, object]:
     """The status document: series (key, modality, instances, state, job) and counts by state."""
-    from dicomnode.app import init_logging  # noqa: F401  (key setup lives with logging)
     from dicomnode.ops.logs import load_or_create_key, series_key, set_hash_key
     from dicomnode.store.db import SqliteDatabase, sqlite_path
 
+    path = sqlite_path(cfg)  # type: ignore[arg-type]
+    if not path.exists():  # the node never ran here: nothing to show, nothing to create
+        return {"series": [], "counts": {}, "jobs": {}, "generated_at": round(time.time(), 3)}
     secret = cfg.secret(cfg.logging.hash_key_env)  # type: ignore[attr-defined]
     set_hash_key(secret.encode() if secret else load_or_create_key(cfg.data_dir / "log-hash.key"))  # type: ignore[attr-defined]
-    path = sqlite_path(cfg)  # type: ignore[arg-type]
-    if not path.exists():
-        return {"series": [], "counts": {}, "jobs": {}, "generated_at": time.time()}
     db = SqliteDatabase(path)
     try:
         series = db.list_series(limit)
