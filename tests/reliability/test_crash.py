@@ -101,12 +101,13 @@ def test_sigkill_at_random_points_loses_nothing_and_results_arrive_once(tmp_path
                 args = ["storescu", "-v", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port),
                         *map(str, files)]
                 proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=peer_env())
-                # kill once the first instances are in, at a random point of the transfer
+                # kill at a random point of the transfer: once k of the instances are stored
+                k = rng.randint(1, len(files) // 2)
+                t_kill = time.monotonic()
                 wait_for(lambda: node.query("SELECT COUNT(*) FROM instances WHERE series_instance_uid=?",
-                                            (s.series_uid,))[0][0] > 0, 30, 0.005)
-                delay = rng.uniform(0.0, 0.25)
-                time.sleep(delay)
+                                            (s.series_uid,))[0][0] >= k, 30, 0.001)
                 node.proc.kill()
+                delay = time.monotonic() - t_kill
                 _, err = proc.communicate(timeout=60)
                 outcome = storescu_outcomes(files, err)
                 acked = [u for u, o in zip(s.sop_uids, outcome) if o == "Success"]
