@@ -16,9 +16,11 @@ from tests.peers import NodeProcess, Orthanc, Peer, free_port, make_ct_series, w
 pytestmark = pytest.mark.integration
 
 
-def test_orthanc_pushes_series_to_node(tmp_path: Path) -> None:
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_orthanc_pushes_series_to_node(tmp_path: Path, modality: str) -> None:
     port = free_port()
-    info = make_ct_series(tmp_path / "ct", n=30, rows=64, cols=64)
+    info = make_ct_series(tmp_path / "ct", n=30, rows=64, cols=64, modality=modality,
+                          orientation=(1, 0, 0, 0, 0.8, -0.6) if modality == "MR" else (1, 0, 0, 0, 1, 0))
     with Orthanc.start(tmp_path / "orthanc", {"dicomnode": ("DICOMNODE", "127.0.0.1", port)}) as pacs:
         cfg = write_node_config(tmp_path / "node.toml", port, tmp_path / "data",
                                 [Peer("pacs", "ORTHANC", pacs.dicom_port), Peer("echo", "ECHOSCU")],
@@ -49,4 +51,4 @@ def test_orthanc_pushes_series_to_node(tmp_path: Path) -> None:
                 assert ds.pixel_array.shape == (64, 64)
             assert sops == set(info.sop_uids)
             status = node.status()
-            assert [s["state"] for s in status["series"]] == ["complete"]
+            assert [(s["state"], s["modality"]) for s in status["series"]] == [("complete", modality)]
