@@ -8,9 +8,8 @@ scan of the raw bytes, pydicom as fallback); UIDs are validated; the file is wri
 
 Two upper layers (``node.scp_engine``): ``fast`` (default, :mod:`dicomnode.net.acceptor`, one
 thread per association, measured ~2x faster under CPU contention) and ``pynetdicom``. Both share
-:meth:`StorageSCP.store_instance`, the allow-list, TLS and PDU limits; only ``fast`` enforces
-``node.max_instance_bytes`` and keeps not-yet-associated connections out of
-``node.max_associations``.
+:meth:`StorageSCP.store_instance`, the allow-list, TLS, PDU and association limits (only
+established associations count); only ``fast`` enforces ``node.max_instance_bytes``.
 
 Outcomes (exceptions become statuses here, and only here):
 0xA700 out of resources (quota, disk full, database error) - nothing stored;
@@ -64,6 +63,13 @@ class _NodeACSE(ACSE):
     """ACSE that applies the node's allow-list (calling AE + host) before negotiating."""
 
     allow: AllowList
+    max_associations: int
+
+    def _reject(self, calling: str, rsd: tuple[int, int, int]) -> None:
+        self.requestor.ae_title = calling
+        self.send_reject(*rsd)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
 
     def _negotiate_as_acceptor(self) -> None:
         rq = self.requestor.primitive
@@ -71,10 +77,15 @@ class _NodeACSE(ACSE):
         host = str(getattr(self.assoc.requestor.address_info, "address", "") or "")
         if not self.allow.permits(calling, host):
             LOG.warning("association refused: caller not allowed (host %s)", host)
-            self.requestor.ae_title = calling
-            self.send_reject(*REJECT_UNKNOWN_CALLER)
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
+            self._reject(calling, REJECT_UNKNOWN_CALLER)
+            return
+        # Count established associations only (pynetdicom counts every connected socket, so idle
+        # connections from anyone could lock known peers out).
+        established = [a for a in self.assoc.ae.active_associations
+                       if a.is_acceptor and a.is_established and a is not self.assoc]
+        if len(established) >= self.max_associations:
+            LOG.warning("association refused: %d associations already open", self.max_associations)
+            self._reject(calling, (0x02, 0x03, 0x02))
             return
         # Take the requestor's first transfer syntax that the node accepts (pynetdicom would take
         # the acceptor's first): a sender with RLE/JPEG files then sends them as they are, and the
@@ -170,7 +181,7 @@ class StorageSCP:
         n = self.cfg.node
         ae = AE(ae_title=n.ae_title)
         ae.maximum_pdu_size = n.max_pdu
-        ae.maximum_associations = n.max_associations
+        ae.maximum_associations = 4 * n.max_associations + 16  # connections; associations: _NodeACSE
         ae.network_timeout = n.network_timeout_s
         ae.acse_timeout = 30
         ae.dimse_timeout = n.network_timeout_s
@@ -248,6 +259,7 @@ class StorageSCP:
                 assoc = super()._create_association()
                 acse = _NodeACSE(assoc)
                 acse.allow = scp.allow
+                acse.max_associations = scp.cfg.node.max_associations
                 assoc.acse = acse
                 assoc.dicomnode_id = uuid.uuid4().hex  # type: ignore[attr-defined]
                 _fast_reactor(assoc)

@@ -167,3 +167,13 @@ def test_oversized_data_set_aborts_and_stores_nothing(tmp_path: Path) -> None:
         assert "data set over 100000 bytes" in node.log.read_text()
         assert not list((tmp_path / "data" / "spool").rglob("*.dcm"))
         assert storescu(small.folder, port).returncode == 0  # still serving
+
+
+def test_idle_connections_do_not_count_as_associations(node: NodeProcess) -> None:
+    """More idle TCP connections than ``max_associations`` (2) do not lock a known peer out."""
+    idle = [socket.create_connection(("127.0.0.1", node.port), timeout=10) for _ in range(4)]
+    try:
+        assert echo(node.port)
+    finally:
+        for s in idle:
+            s.close()
