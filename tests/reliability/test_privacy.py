@@ -119,7 +119,8 @@ def test_canary_patient_never_leaves_dicom_files(tmp_path: Path, start_node, tri
         for path in ("/", "/api/status", "/healthz", "/nonexistent"):
             sources[f"web:{path}"] = http(base + path, TOKEN)[1]
         sources["web:unauthorised"] = http(base + "/api/status")[1]
-        sources["metrics"] = http(f"http://127.0.0.1:{node.metrics_port}/metrics")[1]
+        sources["metrics"] = http(f"http://127.0.0.1:{node.metrics_port}/metrics", TOKEN)[1]
+        sources["metrics:unauthorised"] = http(f"http://127.0.0.1:{node.metrics_port}/metrics")[1]
         sources["cli:status"] = cli(node, "status", "--json")
         sources["cli:outbox"] = cli(node, "outbox", "list", "--json")
         sources["db:job_reasons"] = "\n".join(r[0] for r in node.query("SELECT reason FROM jobs"))
