@@ -1,14 +1,15 @@
 """Ingest speed, side by side: storescu -> the node (durability on), -> dcmtk storescp, -> Orthanc.
 
     .venv/bin/python benchmarks/ingest.py [--slices 300] [--size 512] [--repeat 3]
-        [--only node,storescp,orthanc[,node-nofsync]]
+        [--only node,storescp,orthanc[,node-nofsync,node-pynetdicom,node-pynetdicom-nofsync]]
 
 One run generates a synthetic CT series (int16, uncompressed) and sends it with dcmtk storescu
 (TCP_NODELAY=1, one association) to each receiver in turn, ``--repeat`` times, interleaved;
 prints the median instances/s of each and the ratios node/Orthanc and node/storescp.
 The node runs as ``dicomnode serve`` (fdatasync of every file, fsync of its directory, SQLite WAL
 commit before the ack); ``node-nofsync`` is the same node with ``node.fsync = false`` (to separate
-the network stack from the disk; not a production setting). Also prints the cost of one durable
+the network stack from the disk; not a production setting); ``node-pynetdicom[-nofsync]`` use
+``node.scp_engine = "pynetdicom"`` instead of the node's own upper layer. Also prints the cost of one durable
 525 kB file write (write + fdatasync + rename + directory fsync) measured in the same run.
 """
 from __future__ import annotations
@@ -85,13 +86,16 @@ def main() -> int:
         print(f"series: {args.slices} slices {args.size}x{args.size}, {mb:.0f} MB, {args.repeat} series")
         receivers: dict[str, tuple[int, str, object]] = {}
         try:
-            for name in ("node", "node-nofsync"):
+            for name in ("node", "node-nofsync", "node-pynetdicom", "node-pynetdicom-nofsync"):
                 if name not in which:
                     continue
                 port = free_port()
+                extra = ["fsync = false"] if name.endswith("-nofsync") else []
+                if "pynetdicom" in name:
+                    extra.append('scp_engine = "pynetdicom"')
                 cfg = write_node_config(work / f"{name}.toml", port, work / f"{name}-data",
                                         [Peer("scu", "STORESCU"), Peer("echo", "ECHOSCU")], quiet_period_s=60,
-                                        node_extra="fsync = false" if name == "node-nofsync" else "")
+                                        node_extra="\n".join(extra))
                 receivers[name] = (port, "DICOMNODE", NodeProcess.start(cfg, port))
             if "storescp" in which:
                 s = StoreSCP.start(work / "storescp-out", extra=("--ignore",) if False else ())
@@ -105,9 +109,9 @@ def main() -> int:
                     times[name].append(timed_send(series[i].folder, port, aet))
             rates = {k: args.slices / statistics.median(v) for k, v in times.items()}
             print(f"durable file write on this disk now: {fsync_cost_ms(work):.1f} ms median")
-            print(f"{'receiver':10} {'median s':>9} {'inst/s':>8}   runs (s)")
+            print(f"{'receiver':24} {'median s':>9} {'inst/s':>8}   runs (s)")
             for k, v in times.items():
-                print(f"{k:10} {statistics.median(v):9.2f} {rates[k]:8.0f}   {', '.join(f'{x:.2f}' for x in v)}")
+                print(f"{k:24} {statistics.median(v):9.2f} {rates[k]:8.0f}   {', '.join(f'{x:.2f}' for x in v)}")
             if "node" in rates and "orthanc" in rates:
                 print(f"node / orthanc  = {rates['node'] / rates['orthanc']:.2f}  (goal >= 2)")
             if "node" in rates and "storescp" in rates:
