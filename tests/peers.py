@@ -22,7 +22,8 @@ API (import as ``from tests.peers import ...``):
 - ``NodeProcess.start(config, port, log=path, env=None, timeout=60, echo_calling="ECHOSCU")``
       ``.venv/bin/dicomnode serve --config ...`` (cwd = the config's folder); waits until it
       answers C-ECHO from ``echo_calling`` (give that AE a ``Peer``), or with ``echo_calling=""``
-      until the port accepts. ``.proc``, ``.log`` (node output), ``.port``, ``.config``;
+      until the port accepts; ``extra_args`` are appended (``--port``, ``--data-dir``).
+      ``.proc``, ``.log`` (node output), ``.port``, ``.config``;
       ``.stop()`` (SIGTERM, then SIGKILL), ``.kill()`` (SIGKILL now), ``.status() -> dict``
       (``dicomnode status --json``), context manager. The node's data: ``state.sqlite3`` and
       ``spool/`` under the config's data_dir.
@@ -286,13 +287,13 @@ class NodeProcess:
     @classmethod
     def start(cls, config: str | Path, port: int, *, log: str | Path | None = None,
               env: dict[str, str] | None = None, timeout: float = 60.0, echo_calling: str = "ECHOSCU",
-              wait: bool = True) -> "NodeProcess":
+              wait: bool = True, extra_args: Sequence[str] = ()) -> "NodeProcess":
         """Start the node; wait until it answers C-ECHO from ``echo_calling`` (must be allowed) or
         just until its port accepts connections when ``echo_calling`` is "" ."""
         config = Path(config)
         log = Path(log) if log else config.with_suffix(".log")
         fh = open(log, "ab")
-        proc = subprocess.Popen([str(DICOMNODE), "serve", "--config", str(config)], stdout=fh,
+        proc = subprocess.Popen([str(DICOMNODE), "serve", "--config", str(config), *extra_args], stdout=fh,
                                 stderr=subprocess.STDOUT, env=peer_env(**(env or {})), cwd=str(config.parent))
         node = cls(proc, config, port, log, echo_calling, fh)
         if wait:

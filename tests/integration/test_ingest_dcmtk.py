@@ -321,3 +321,16 @@ def test_real_scanner_slices_stored_byte_identical(node: NodeProcess, shared_dat
         with _db(node) as c:
             rel = c.execute("SELECT path FROM instances WHERE sop_instance_uid=?", (sop,)).fetchone()[0]
         assert _dataset_bytes(spool / rel) == _dataset_bytes(f)
+
+
+def test_serve_port_and_data_dir_overrides(tmp_path: Path) -> None:
+    """``dicomnode serve --port N --data-dir DIR`` win over the config file."""
+    cfg_port, port = free_port(), free_port()
+    cfg = write_node_config(tmp_path / "node.toml", cfg_port, tmp_path / "cfg-data",
+                            [Peer("scu", "STORESCU"), Peer("echo", "ECHOSCU")])
+    other = tmp_path / "other-data"
+    with NodeProcess.start(cfg, port, extra_args=["--port", str(port), "--data-dir", str(other)]):
+        info = make_ct_series(tmp_path / "ct", n=3, rows=16, cols=16)
+        assert storescu(info.folder, port).returncode == 0
+        assert (other / "state.sqlite3").exists() and len(list((other / "spool").rglob("*.dcm"))) == 3
+        assert not (tmp_path / "cfg-data").exists()
