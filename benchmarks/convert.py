@@ -18,7 +18,6 @@ the output array are paid once) and prints the median of the last three.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import random
 import shutil
@@ -73,8 +72,6 @@ def child(tool: str, series: Path, out: Path) -> None:
     """Run one conversion in this process; prints {"convert_s": ...} as the last line."""
     if tool == "node":
         t0 = time.perf_counter()
-        importlib.import_module("nibabel")  # imported by write_nifti: start-up cost, not per-series cost
-
         from dicomnode.series.convert import read_series_dir, write_nifti
 
         t1 = time.perf_counter()

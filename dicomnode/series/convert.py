@@ -18,12 +18,13 @@ invalid_rescale, unsupported_multiframe, inconsistent_frames, not_3d (NIfTI).
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
 
 from dicomnode.config import GeometryConfig
 from dicomnode.errors import SeriesError
@@ -32,6 +33,9 @@ from dicomnode.series.frames import (  # re-exported: part of this module's API
     COMPRESSED_SYNTAXES, NATIVE_SYNTAXES, SUPPORTED_TRANSFER_SYNTAXES, Frame, parse_file, read_headers,
 )
 from dicomnode.volume import LPS_TO_RAS, GeometryReport, SourceFrame, Volume
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "COMPRESSED_SYNTAXES", "NATIVE_SYNTAXES", "SUPPORTED_TRANSFER_SYNTAXES", "load_input", "read_headers", "read_nifti",
@@ -147,6 +151,8 @@ def _decode(stack: list[Frame], shape: tuple[int, int, int]) -> np.ndarray:
             ds = datasets.get(f.path)
             if ds is None:
                 datasets.clear()  # keep one decoded file in memory at a time
+                import pydicom
+
                 ds = datasets[f.path] = pydicom.dcmread(f.path, force=True)
             if f.offset is not None:  # native, small: the value is in the dataset
                 buf = np.frombuffer(ds.PixelData, dtype=dtype.newbyteorder(NATIVE_SYNTAXES[f.syntax]),
@@ -358,16 +364,62 @@ def load_input(path: Path, policy: GeometryConfig | None = None, modality: str =
     raise SeriesError("unreadable_file", kind="inconsistent", detail="neither a folder nor a NIfTI file")
 
 
-def write_nifti(volume: Volume, path: Path) -> None:
-    """Write ``volume`` as NIfTI-1 (.nii or .nii.gz; data i=column, j=row, k=slice; sform and qform =
-    the RAS affine). Booleans are written as uint8.
+_NIFTI_TYPES = {"uint8": 2, "int16": 4, "int32": 8, "float32": 16, "float64": 64, "int8": 256, "uint16": 512,
+                "uint32": 768, "int64": 1024, "uint64": 1280}
 
-    nibabel builds the header; the voxels go out in one write (C order of (slice, row, column) is
-    NIfTI's Fortran order of (i, j, k)), which is about twice as fast as nibabel's chunked writer.
+
+def _quaternion(rot: np.ndarray) -> np.ndarray:
+    """Unit quaternion (w, x, y, z), w >= 0, of the rotation closest to ``rot`` (as nibabel's mat2quat)."""
+    qxx, qyx, qzx, qxy, qyy, qzy, qxz, qyz, qzz = rot.flat
+    k = np.array([
+        [qxx - qyy - qzz, 0, 0, 0],
+        [qyx + qxy, qyy - qxx - qzz, 0, 0],
+        [qzx + qxz, qzy + qyz, qzz - qxx - qyy, 0],
+        [qyz - qzy, qzx - qxz, qxy - qyx, qxx + qyy + qzz],
+    ]) / 3.0
+    vals, vecs = np.linalg.eigh(k)
+    q = vecs[[3, 0, 1, 2], int(np.argmax(vals))]
+    return -q if q[0] < 0 else q
+
+
+def _nifti_header(shape: tuple[int, ...], dtype: np.dtype, affine: np.ndarray) -> bytes:
+    """A NIfTI-1 single-file header (348 bytes + 4 empty extension bytes): sform = ``affine``, qform =
+    its closest rigid part (qfac for a left-handed one), units mm, no scaling. Same fields as nibabel
+    writes (tested against it); written here so `dicomnode convert` does not import nibabel."""
+    if dtype.name not in _NIFTI_TYPES:
+        raise ValueError(f"no NIfTI data type for {dtype}")
+    aff = np.asarray(affine, dtype=np.float64)
+    zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+    rot = aff[:3, :3] / zooms
+    qfac = 1.0 if np.linalg.det(rot) > 0 else -1.0
+    rot[:, 2] *= qfac
+    u, _, vt = np.linalg.svd(rot)  # closest orthogonal matrix (the qform cannot hold shears)
+    quat = _quaternion(u @ vt)
+    h = bytearray(352)
+    struct.pack_into("<i", h, 0, 348)
+    h[38:39] = b"r"
+    dim = [len(shape), *shape] + [1] * (7 - len(shape))
+    struct.pack_into("<8h", h, 40, *dim)
+    struct.pack_into("<hh", h, 70, _NIFTI_TYPES[dtype.name], dtype.itemsize * 8)
+    struct.pack_into("<8f", h, 76, qfac, *zooms, *([1.0] * 4))
+    struct.pack_into("<3f", h, 108, 352.0, 1.0, 0.0)  # vox_offset, scl_slope, scl_inter
+    h[123] = 2 | 8  # xyzt_units: mm, s
+    struct.pack_into("<hh", h, 252, 1, 1)  # qform_code, sform_code: scanner
+    struct.pack_into("<6f", h, 256, *quat[1:], *aff[:3, 3])
+    struct.pack_into("<12f", h, 280, *aff[:3, :].flat)
+    h[344:348] = b"n+1\x00"
+    return bytes(h)
+
+
+def write_nifti(volume: Volume, path: Path) -> None:
+    """Write ``volume`` as NIfTI-1 (.nii or .nii.gz; data i=column, j=row, k=slice; sform = the RAS
+    affine, qform its rigid part). Booleans are written as uint8; raises ValueError for a dtype
+    NIfTI cannot hold.
+
+    The voxels go out in one pass straight from the array (C order of (slice, row, column) is NIfTI's
+    Fortran order of (i, j, k)), about twice as fast as nibabel's chunked writer.
     """
     import gzip
-
-    import nibabel as nib
 
     arr = volume.array
     if arr.dtype == np.bool_:
@@ -375,19 +427,10 @@ def write_nifti(volume: Volume, path: Path) -> None:
     arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    aff = volume.nifti_affine()
-    hdr = nib.Nifti1Header()
-    hdr.set_data_dtype(arr.dtype)
-    hdr.set_data_shape(arr.shape[::-1])
-    hdr.set_sform(aff, code=1)
-    hdr.set_qform(aff, code=1)
-    hdr.set_xyzt_units("mm")
-    hdr.set_slope_inter(1.0, 0.0)
-    hdr["vox_offset"] = 352
+    header = _nifti_header(arr.shape[::-1], arr.dtype, volume.nifti_affine())
     opener = gzip.open if str(path).lower().endswith(".gz") else open
     with opener(path, "wb", **({"compresslevel": 1} if opener is gzip.open else {})) as fh:  # type: ignore[operator]
-        fh.write(hdr.binaryblock)
-        fh.write(b"\x00" * 4)  # no extensions
+        fh.write(header)
         flat = memoryview(arr.reshape(-1)).cast("B")
         step = 16 << 20  # chunks: gzip would otherwise hold the whole compressed volume in memory
         for start in range(0, len(flat), step):

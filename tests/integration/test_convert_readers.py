@@ -61,6 +61,12 @@ def _compare(folder: Path, tmp: Path, *, sitk_too: bool = True) -> None:
         assert np.allclose(vol.affine, aff, atol=TOL_MM), (vol.affine, aff)
     ours = tmp / "ours.nii"
     write_nifti(vol, ours)
+    # SimpleITK reads the node's NIfTI back onto the same LPS grid (its own header reader)
+    img = sitk.ReadImage(str(ours))
+    assert np.array_equal(sitk.GetArrayFromImage(img), vol.array)
+    d = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
+    assert np.allclose(d[:, ::-1], vol.affine[:3, :3], atol=TOL_MM)
+    assert np.allclose(img.GetOrigin(), vol.affine[:3, 3], atol=TOL_MM)
     ref_data, ref_aff = _canonical(_dcm2niix(folder, tmp / "d2n"))
     our_data, our_aff = _canonical(nib.load(ours))
     assert our_data.shape == ref_data.shape

@@ -303,3 +303,35 @@ def test_oblique_gap_resampled_keeps_the_acquired_slices_exactly(tmp_path: Path)
     vol = read_series(st.paths, RESAMPLE_GAPS)
     assert vol.shape[0] == 8 and vol.geometry.gaps == 1
     assert np.allclose(vol.array[[0, 1, 3, 4, 5, 6, 7]], st.expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_nifti_header_matches_nibabel(tmp_path: Path, seed: int) -> None:
+    """The hand-written header has the fields nibabel writes for the same affine (qform quaternion too)."""
+    from dicomnode.series.convert import _nifti_header
+    from dicomnode.volume import Volume
+
+    rng = np.random.default_rng(seed)
+    rot = rotation(rng.uniform(-np.pi, np.pi, 3))
+    if seed % 2:
+        rot[:, 1] *= -1  # left-handed index axes (qfac -1)
+    aff = np.eye(4)
+    aff[:3, :3] = rot * rng.uniform(0.3, 3.0, 3)
+    aff[:3, 3] = rng.uniform(-300, 300, 3)
+    dtype = [np.int16, np.uint16, np.float32, np.uint8, np.int32, np.bool_][seed % 6]
+    vol = Volume(array=np.zeros((3, 4, 5), dtype), affine=aff)
+    write_nifti(vol, tmp_path / "a.nii")
+    ours = nib.load(tmp_path / "a.nii").header
+    ref = nib.Nifti1Header()
+    ref.set_data_dtype(np.uint8 if dtype is np.bool_ else dtype)
+    ref.set_data_shape((5, 4, 3))
+    ref.set_sform(vol.nifti_affine(), code=1)
+    ref.set_qform(vol.nifti_affine(), code=1)
+    ref.set_xyzt_units("mm", "sec")
+    for key in ("dim", "datatype", "bitpix", "qform_code", "sform_code", "xyzt_units", "vox_offset", "magic"):
+        assert np.array_equal(ours[key], ref[key]), key
+    for key in ("pixdim", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z",
+                "srow_x", "srow_y", "srow_z"):
+        assert np.allclose(ours[key], ref[key], atol=1e-5), key
+    assert np.allclose(ours.get_qform(), vol.nifti_affine(), atol=1e-4)
+    assert len(_nifti_header((5, 4, 3), np.dtype(np.int16), aff)) == 352
