@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 import pytest
 
 from tests.peers import NodeProcess, Peer, free_port, write_node_config
-from tests.triton_fixture import triton_repo, triton_server  # noqa: F401  (session fixtures)
+from tests.triton_fixture import VENV, triton_repo, triton_server  # noqa: F401  (session fixtures)
 
 NIGHTLY = os.environ.get("DICOMNODE_NIGHTLY") == "1"
 FINAL = ("done", "quarantined", "failed")
@@ -173,3 +175,44 @@ def tally(outcomes: list[str]) -> dict[str, int]:
     for o in outcomes:
         out[o] = out.get(o, 0) + 1
     return out
+
+
+class FixedPortTriton:
+    """A LocalTriton that can be stopped and started again on the same ports (an outage)."""
+
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+        self.ports = (free_port(), free_port(), free_port())
+        self.server: Any = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports[1]}"
+
+    def start(self) -> None:
+        from dicomnode.infer.server import LocalTriton
+
+        self.server = LocalTriton(self.repo, VENV, *self.ports)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def stubs(self) -> list[psutil.Process]:
+        """The python-backend stub processes (one per model instance) of the running server."""
+        return [p for p in psutil.Process(self.server.pid).children(recursive=True)
+                if "triton_python_backend_stub" in " ".join(p.cmdline())]
+
+
+@pytest.fixture
+def own_triton(triton_repo: Path):  # type: ignore[no-untyped-def]
+    """A Triton on fixed free ports that the test starts and stops itself (stopped at teardown)."""
+    if not (VENV / "bin" / "python").exists():
+        pytest.skip(f"the Triton server venv {VENV} is absent: run scripts/setup.sh")
+    t = FixedPortTriton(triton_repo)
+    try:
+        yield t
+    finally:
+        t.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -110,5 +111,46 @@ def test_real_disk_full_answers_a700_without_partial_files_and_resumes(tmp_path:
         check_spool(node, acked + rest_uids[:15])
         report("disk_full", {"tmpfs_bytes": 6 << 20, "first_pass": tally(results), "free_bytes_when_full": free_when_full,
                              "after_freeing_3MiB": tally(again)})
+    finally:
+        node.proc.stop()
+
+
+def test_disk_full_while_a_job_is_due_it_waits_and_completes(tmp_path: Path, small_disk: Path,
+                                                             own_triton) -> None:  # type: ignore[no-untyped-def]
+    """The disk fills up after ingest while the job waits for Triton; Triton comes back on a full
+    disk (nothing can be claimed, written or recorded): the job must not fail or get stuck in
+    ``processing``, and completes with SEG + SR once space returns."""
+    from tests.reliability.conftest import FINAL
+
+    config, port, _, _ = node_config(tmp_path, name="busy", triton=own_triton)
+    config.write_text(config.read_text().replace(f'data_dir = "{tmp_path / "busy-data"}"',
+                                                 f'data_dir = "{small_disk / "var"}"'))
+    proc = NodeProcess.start(config, port, log=tmp_path / "busy.out")  # Triton still down: jobs wait
+    node = NodeUnderTest(proc, config, port, small_disk / "var")
+    try:
+        series = make_ct_series(tmp_path / "ct", n=12, rows=128, cols=128)
+        assert set(send(node, list(series.files))) == {"Success"}
+        assert wait_for(lambda: node.series_outcome(series.series_uid)[1].startswith("transient"), 60, 0.2)
+        ballast = small_disk / "ballast"
+        with open(ballast, "wb") as fh:  # fill the disk to the last block
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+            except OSError:
+                pass
+        own_triton.start()
+        time.sleep(8)  # several attempts on a full disk
+        full_state, full_reason = node.series_outcome(series.series_uid)
+        assert node.alive()
+        assert full_state not in ("done", "failed", "quarantined"), (full_state, full_reason[:300])
+        ballast.unlink()  # space returns
+        assert wait_for(lambda: node.series_outcome(series.series_uid)[0] in FINAL, 120, 0.5), \
+            node.series_outcome(series.series_uid)
+        state, reason = node.series_outcome(series.series_uid)
+        assert state == "done", (state, reason[:500])
+        assert sorted(p.name for p in (node.data_dir / "results").glob("*/*.dcm")) == ["seg.dcm", "sr.dcm"]
+        report("disk_full_processing", {"series_state_while_full": full_state,
+                                        "job_reason_while_full": full_reason.splitlines()[0][:160] if full_reason else "",
+                                        "final": state})
     finally:
         node.proc.stop()

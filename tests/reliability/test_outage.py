@@ -9,43 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
-from tests.peers import Orthanc, free_port, make_ct_series, peer_env, storescu, wait_for
-from tests.reliability.conftest import NodeUnderTest, report
-from tests.triton_fixture import VENV
+from tests.peers import Orthanc, make_ct_series, peer_env, storescu, wait_for
+from tests.reliability.conftest import FixedPortTriton, NodeUnderTest, report
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-class FixedPortTriton:
-    """A LocalTriton that can be stopped and started again on the same ports (an outage)."""
-
-    def __init__(self, repo: Path) -> None:
-        self.repo = repo
-        self.ports = (free_port(), free_port(), free_port())
-        self.server: Any = None
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.ports[1]}"
-
-    def start(self) -> None:
-        from dicomnode.infer.server import LocalTriton
-
-        self.server = LocalTriton(self.repo, VENV, *self.ports)
-        self.server.start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-    def stubs(self) -> list[psutil.Process]:
-        """The python-backend stub processes (one per model instance) of the running server."""
-        return [p for p in psutil.Process(self.server.pid).children(recursive=True)
-                if "triton_python_backend_stub" in " ".join(p.cmdline())]
 
 
 def job(node: NodeUnderTest, series_uid: str) -> tuple[str, int, str]:
@@ -60,17 +29,6 @@ def send_series(node: NodeUnderTest, folder: Path, seed: int) -> Any:
     r = storescu(list(s.files), node.port)
     assert r.returncode == 0, r.stderr[-2000:]
     return s
-
-
-@pytest.fixture
-def own_triton(triton_repo: Path):  # type: ignore[no-untyped-def]
-    if not (VENV / "bin" / "python").exists():
-        pytest.skip(f"the Triton server venv {VENV} is absent: run scripts/setup.sh")
-    t = FixedPortTriton(triton_repo)
-    try:
-        yield t
-    finally:
-        t.stop()
 
 
 def test_triton_outages_jobs_wait_and_complete(tmp_path: Path, start_node, own_triton: FixedPortTriton) -> None:  # type: ignore[no-untyped-def]
