@@ -154,3 +154,26 @@ def test_disk_full_while_a_job_is_due_it_waits_and_completes(tmp_path: Path, sma
                                         "final": state})
     finally:
         node.proc.stop()
+
+
+def test_outbox_on_a_full_disk_raises_transient_and_leaves_no_partial_file(tmp_path: Path, small_disk: Path) -> None:
+    """Queuing a result on a full disk is a TransientError (the job is retried) and leaves no temp file."""
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+    from dicomnode.errors import TransientError
+    from dicomnode.store.outbox import Outbox, SqliteOutboxStore
+
+    outbox = Outbox(SqliteOutboxStore(tmp_path / "outbox.sqlite3"), small_disk / "outbox")
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.3.4", "1.2.3"
+    ds.PixelData = np.zeros(8 << 20, np.uint8).tobytes()  # 8 MiB on a 6 MiB disk
+    ds["PixelData"].VR = "OB"
+    from pydicom.dataset import FileMetaDataset
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    with pytest.raises(TransientError):
+        outbox.enqueue(ds, "pacs", kind="seg")
+    assert [p.name for p in (small_disk / "outbox").iterdir()] == []
+    outbox.close()
