@@ -172,7 +172,7 @@ def _opt_float(v: object) -> float | None:
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 _WANTED = {tag: vr for tag, vr in _TAGS.values()}
 _ENHANCED = {0x52009229, 0x52009230}  # Shared / PerFrame FunctionalGroupsSequence
-_SCAN_BYTES = 65536
+_SCAN_BYTES = (8192, 65536)  # most headers fit the first read; the second is for long ones
 
 
 def _pydicom():  # type: ignore[no-untyped-def]
@@ -217,14 +217,21 @@ class _RawHeader:
 def _scan(path: Path) -> _RawHeader | None:
     """Walk the elements of a plain Implicit/Explicit VR Little Endian file up to its pixel data.
 
-    pydicom builds a Dataset with every element; this reads the first 64 KiB and keeps only the
-    attributes :data:`_TAGS` names, about ten times faster. Returns None (use pydicom) for anything
-    unusual: no preamble, another transfer syntax, functional groups, an unexpected VR, pixel data
-    not within the first 64 KiB. Never raises for malformed input; pydicom then decides.
+    pydicom builds a Dataset with every element; this reads the first 8 KiB (64 KiB if needed) and
+    keeps only the attributes :data:`_TAGS` names, about ten times faster. Returns None (use pydicom)
+    for anything unusual: no preamble, another transfer syntax, functional groups, an unexpected VR,
+    pixel data not within the first 64 KiB. Never raises for malformed input; pydicom then decides.
     """
+    with open(path, "rb") as fh:
+        b = fh.read(_SCAN_BYTES[0])
+        found = _scan_bytes(b)
+        if found is None and len(b) == _SCAN_BYTES[0]:
+            found = _scan_bytes(b + fh.read(_SCAN_BYTES[1] - _SCAN_BYTES[0]))
+    return found
+
+
+def _scan_bytes(b: bytes) -> _RawHeader | None:
     try:
-        with open(path, "rb") as fh:
-            b = fh.read(_SCAN_BYTES)
         if b[128:132] != b"DICM":
             return None
         pos, syntax = 132, ""

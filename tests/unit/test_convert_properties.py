@@ -216,3 +216,14 @@ def test_fast_header_scan_agrees_with_pydicom(syntax, undefined, nested, private
             off = fast[0].offset  # the scan finds the pixel bytes in the file
             assert off is not None and p.read_bytes()[off:off + 128] == ds.PixelData
         assert np.array_equal(read_series(stack.paths).array, stack.expected)
+
+
+def test_fast_header_scan_reads_further_for_long_headers(tmp_path) -> None:
+    from dicomnode.series import frames as F
+
+    stack = make_stack(tmp_path, n=2, rows=8, cols=8)
+    ds = pydicom.dcmread(stack.paths[0])
+    ds.add_new(0x00291010, "OB", b"\x01" * 20000)  # a long private element before the pixel data
+    ds.save_as(stack.paths[0])
+    assert F._scan(stack.paths[0]) is not None
+    assert np.array_equal(read_series(stack.paths).array, stack.expected)
