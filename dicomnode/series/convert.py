@@ -231,16 +231,21 @@ def _volume_of(stack: list[Frame], policy: GeometryConfig, n_stacks: int, warnin
     actions: list[str] = []
     if any(int(a) != i for i, a in enumerate(g.order)):
         actions.append("sorted:by_position")
+    reason = g.needs_resample
+    if reason:  # decide before decoding anything
+        choice = {"gap": policy.on_gap, "tilt": policy.on_tilt, "nonuniform": policy.on_nonuniform}[reason]
+        if choice == "refuse":
+            raise SeriesError(reason, kind="geometry", detail=f"{g.gaps} missing slices" if reason == "gap" else "")
+        _, k = g.regular_affine()
+        if k > 4 * g.n + 16 or k * f0.rows * f0.cols > policy.max_voxels:
+            # a few missing slices are filled in; a grid mostly made of filling is refused
+            raise SeriesError(reason, kind="geometry", detail=f"a regular grid needs {k} slices for {g.n} acquired")
     raw = _decode(ordered, (len(ordered), f0.rows, f0.cols))
     array = _rescale(raw, ordered)
     del raw
     source_affine = g.source_affine(np.asarray(ordered[0].position))
     affine = source_affine
-    reason = g.needs_resample
     if reason:
-        choice = {"gap": policy.on_gap, "tilt": policy.on_tilt, "nonuniform": policy.on_nonuniform}[reason]
-        if choice == "refuse":
-            raise SeriesError(reason, kind="geometry", detail=f"{g.gaps} missing slices" if reason == "gap" else "")
         array, affine = geom.resample_stack(array, g, cval=float(array.min()))
         actions.append(f"resampled:{reason}")
     else:

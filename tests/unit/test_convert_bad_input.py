@@ -157,3 +157,13 @@ def test_nifti_that_is_not_3d_or_not_nifti(tmp_path: Path) -> None:
         load_input(tmp_path / "b.nii.gz")
     with pytest.raises(SeriesError, match="unreadable_file"):
         load_input(tmp_path / "absent.nii")
+
+
+def test_far_away_slice_is_refused_before_any_allocation(tmp_path: Path) -> None:
+    # one position a kilometre away must not turn "resample the gap" into a 500000-slice grid
+    st = make_stack(tmp_path, n=4)
+    _edit(3, _set(ImagePositionPatient=[-90.0, -110.5, 1e6]))(st.paths)
+    for policy in (GeometryConfig(on_gap="resample"), GeometryConfig(on_gap="resample", on_nonuniform="resample")):
+        with pytest.raises(SeriesError) as exc:
+            read_series(st.paths, policy)
+        assert exc.value.reason in ("gap", "nonuniform") and "slices for 4 acquired" in exc.value.detail

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import shutil
 import tempfile
 import warnings
@@ -73,6 +74,21 @@ def _lenient() -> Iterator[None]:
         cfg.writing_validation_mode, cfg.reading_validation_mode = old
 
 
+@contextmanager
+def _memory_cap(extra_bytes: int = 1 << 30) -> Iterator[None]:
+    """Cap this process's address space at its current size + ``extra_bytes`` while converting:
+    a converter that allocates for what the header claims (instead of refusing) fails the test with
+    MemoryError rather than eating the machine."""
+    with open("/proc/self/statm") as fh:
+        vsz = int(fh.read().split()[0]) * resource.getpagesize()
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vsz + extra_bytes, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old)
+
+
 def _convert(files: list[bytes]) -> None:
     """Write ``files``, convert them; only a sane Volume or SeriesError is acceptable."""
     d = Path(tempfile.mkdtemp(prefix="fuzz"))
@@ -84,7 +100,8 @@ def _convert(files: list[bytes]) -> None:
             paths.append(p)
         for fn in (read_stacks, read_series):
             try:
-                out = fn(paths, POLICY)
+                with _memory_cap():
+                    out = fn(paths, POLICY)
             except SeriesError as exc:
                 assert exc.reason and exc.reason.replace("_", "").isalpha(), exc.reason
                 continue
