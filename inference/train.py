@@ -39,11 +39,14 @@ class Pool:
         rng = np.random.default_rng(0)
         self.coords: list[dict[int, np.ndarray]] = []
         for m in maps:
+            flat = m.ravel()
+            idx = np.flatnonzero((flat >= 1) & (flat <= 19))
+            idx = idx[rng.choice(len(idx), min(len(idx), 40000), replace=False)] if len(idx) else idx
+            vals = flat[idx]
             d = {}
-            for v in range(1, 20):
-                idx = np.argwhere(m == v)
-                if len(idx):
-                    d[v] = idx[rng.choice(len(idx), min(len(idx), 500), replace=False)]
+            for v in np.unique(vals):
+                pts = np.stack(np.unravel_index(idx[vals == v][:500], m.shape), 1)
+                d[int(v)] = pts
             self.coords.append(d)
 
 
@@ -158,7 +161,7 @@ def lr_at(step: int, total: int, base: float, warm: int = 50) -> float:
 # ---- main -----------------------------------------------------------------------------------------
 def build_net(spec: ModelSpec) -> UNet3D:
     """A fresh network for ``spec``."""
-    return UNet3D(spec.in_ch, spec.n_classes, spec.base, spec.stages)
+    return UNet3D(spec.in_ch, spec.n_classes, spec.base, spec.stages, stem=spec.stem)
 
 
 def load_net(spec: ModelSpec, out: Path) -> tuple[UNet3D, dict]:
@@ -176,7 +179,7 @@ def export(spec: ModelSpec, out: Path, repo: Path | None = None) -> Path:
     net, ck = load_net(spec, out)
     data = export_onnx(net, spec.in_ch, out / "model.onnx")
     info = {"train_steps": int(ck["step"]), "train_seconds": round(float(ck.get("seconds", 0.0))),
-            "parameters": n_params(net), "base_filters": spec.base, "stages": spec.stages,
+            "parameters": n_params(net), "base_filters": spec.base, "stages": spec.stages, "stem": spec.stem,
             "train_patch": list(spec.patch), "train_data": ck.get("data", "")}
     return write_model_dir(repo or PROJECT_REPO, manifest(spec, info), data)
 

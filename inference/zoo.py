@@ -66,6 +66,12 @@ class ModelSpec:
     infer_patch: tuple[int, int, int] = (128, 160, 160)
     version: str = "1.0.0"
     description: str = ""
+    stem: int = 1  # 2: the U-Net runs at half resolution (see inference.unet)
+
+    @property
+    def pad_multiple(self) -> int:
+        """Input dimensions must be multiples of this."""
+        return self.stem * 2 ** (self.stages - 1)
 
     @property
     def n_classes(self) -> int:
@@ -77,9 +83,9 @@ SPECS: dict[str, ModelSpec] = {
     "anatomy19": ModelSpec(
         name="anatomy19", in_ch=3,
         labels=tuple(_label(i + 1, n, *_CTARR_CODES[n]) for i, n in enumerate(CTARR_NAMES)),
-        base=12, stages=4, patch=(48, 64, 64), batch=2, spacing_mm=3.0, windows=CT_WINDOWS,
-        infer_patch=(128, 160, 160),
-        description="19 CTARR anatomies, 3D U-Net (12 base filters, 4 stages) trained on synthetic CT "
+        base=16, stages=4, patch=(64, 80, 80), batch=2, spacing_mm=3.0, windows=CT_WINDOWS,
+        infer_patch=(128, 160, 160), stem=2,
+        description="19 CTARR anatomies, stride-2 stem + 3D U-Net at 6 mm (16 base filters, 4 stages) + trilinear upsampling to 3 mm, trained on synthetic CT "
                     "made from procedural phantoms (inference/phantom.py, inference/synth.py); see docs/models.md"),
     "body": ModelSpec(
         name="body", in_ch=1,
@@ -110,7 +116,7 @@ def manifest(spec: ModelSpec, extra: dict[str, Any] | None = None) -> dict[str, 
         "name": spec.name, "version": spec.version, "description": spec.description,
         "modalities": list(spec.modalities), "spacing_mm": [spec.spacing_mm] * 3,
         "normalisation": spec.normalisation, "windows": [list(w) for w in spec.windows],
-        "patch": list(spec.infer_patch), "pad_multiple": 2 ** (spec.stages - 1), "overlap": 0.25,
+        "patch": list(spec.infer_patch), "pad_multiple": spec.pad_multiple, "overlap": 0.25,
         "output_kind": "logits", "input_name": "INPUT", "output_name": "OUTPUT",
         "labels": list(spec.labels), "extra": dict(extra or {}),
     }

@@ -138,4 +138,6 @@ def test_embedded_default_config_pipelines() -> None:
     assert ct is not None and {"body", "anatomy19"} <= set(ct.models) and ct.regions
     assert mr is not None and mr.models[0] == "body" and "anatomy19" not in mr.models
     head = select_pipeline(cfg.pipelines, SeriesFacts("MR", "HEAD", ""))
-    assert head is not None and "face_area" in head.models
+    assert head is not None and head.models[0] == "body"
+    # the embedded default must start: every model it configures is in the shipped repository
+    check_model_repository(cfg, ROOT / "triton_models")
