@@ -179,23 +179,22 @@ class Database(Protocol):
     def close(self) -> None: ...
 
 
-class SqliteDatabase:
-    """:class:`Database` on one SQLite file (WAL). Safe to share between threads."""
+class ThreadConnections:
+    """One SQLite connection per thread on one file (see :func:`connect`) and serialised writes.
+
+    Shared by :class:`SqliteDatabase` and the outbox store, which keep their tables in the same file.
+    """
 
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
-        """Open (and create) the database at ``path``; raises ``sqlite3.Error``."""
         self.path = Path(path)
         self._synchronous = synchronous
         self._local = threading.local()
         self._write_lock = threading.RLock()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
-        conn = self._conn()
-        with self._write_lock:
-            conn.executescript(SCHEMA)
 
-    # ---- plumbing ------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use; raises ``sqlite3.Error``)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = connect(self.path, synchronous=self._synchronous)
@@ -205,8 +204,9 @@ class SqliteDatabase:
         return conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception)."""
+        conn = self.conn()
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -216,8 +216,13 @@ class SqliteDatabase:
                 raise
             conn.execute("COMMIT")
 
+    def executescript(self, script: str) -> None:
+        """Run a schema script under the write lock."""
+        with self._write_lock:
+            self.conn().executescript(script)
+
     def close(self) -> None:
-        """Close every connection this object opened."""
+        """Close every connection opened through this object."""
         with self._all_lock:
             for c in self._all:
                 try:
@@ -226,6 +231,22 @@ class SqliteDatabase:
                     pass
             self._all.clear()
         self._local = threading.local()
+
+
+class SqliteDatabase:
+    """:class:`Database` on one SQLite file (WAL). Safe to share between threads."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        """Open (and create) the database at ``path``; raises ``sqlite3.Error``."""
+        self.path = Path(path)
+        self._pool = ThreadConnections(self.path, synchronous=synchronous)
+        self._conn = self._pool.conn
+        self._write = self._pool.write
+        self._pool.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close every connection this object opened."""
+        self._pool.close()
 
     # ---- instances and series ------------------------------------------------------------
     def add_instance(self, meta: InstanceMeta) -> bool:

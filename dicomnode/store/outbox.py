@@ -23,7 +23,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -34,7 +33,7 @@ from dicomnode.config import Config, OutboxConfig, PeerConfig
 from dicomnode.errors import PermanentSendError, TransientError
 from dicomnode.ops.logs import series_key
 from dicomnode.results.uids import is_valid_uid
-from dicomnode.store.db import connect, sqlite_path
+from dicomnode.store.db import ThreadConnections, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -112,31 +111,10 @@ class SqliteOutboxStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._all: list[sqlite3.Connection] = []
-        self._conn().executescript(SCHEMA)
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.path)
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
-        return conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        with self._lock:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        self._pool = ThreadConnections(self.path)
+        self._conn = self._pool.conn
+        self._write = self._pool.write
+        self._pool.executescript(SCHEMA)
 
     def _one(self, conn: sqlite3.Connection, where: str, args: tuple) -> OutboxEntry | None:
         row = conn.execute(f"SELECT {_COLS} FROM outbox WHERE {where}", args).fetchone()
@@ -224,11 +202,8 @@ class SqliteOutboxStore:
         return {str(k): int(n) for k, n in self._conn().execute("SELECT state, COUNT(*) FROM outbox GROUP BY state")}
 
     def close(self) -> None:
-        with self._lock:
-            for c in self._all:
-                c.close()
-            self._all.clear()
-        self._local = threading.local()
+        """Close this store's connections."""
+        self._pool.close()
 
 
 def _write_durably(path: Path, data: bytes) -> None:
