@@ -32,8 +32,8 @@ _CT_PRIOR: dict[str, tuple[float, float, float, float]] = {
     "brain": (25, 45, 2, 8), "csf": (0, 15, 1, 5), "eye": (5, 20, 1, 5),
     "left_lung": (-900, -750, 10, 60), "right_lung": (-900, -750, 10, 60),
     "heart": (30, 55, 3, 10), "liver": (45, 75, 3, 15), "spleen": (35, 60, 3, 12),
-    "left_kidney": (25, 45, 3, 12), "right_kidney": (25, 45, 3, 12), "urinary_bladder": (-5, 25, 1, 6),
-    "fat": (-125, -75, 5, 25), "muscle": (30, 65, 5, 20), "bowel": (-20, 60, 10, 60),
+    "left_kidney": (5, 45, 3, 12), "right_kidney": (5, 45, 3, 12), "urinary_bladder": (-5, 25, 1, 6),
+    "fat": (-125, -75, 5, 25), "muscle": (15, 65, 5, 20), "bowel": (-20, 60, 10, 60),
     "gas": (-1010, -850, 5, 60), "table": (-400, 700, 5, 50), "soft_tissue": (15, 60, 5, 25),
     "vessel": (30, 55, 2, 8), "airway": (-1010, -900, 2, 20), "cartilage": (90, 220, 5, 30),
 }

@@ -68,14 +68,19 @@ def crop_patch(lab: np.ndarray, centre: np.ndarray, size: tuple[int, ...], fill:
 
 
 def sample_labels(pool: Pool, rng: np.random.Generator, patch: tuple[int, int, int], fg_p: float = 0.7,
-                  zoom: tuple[float, float] = (0.85, 1.2)) -> np.ndarray:
-    """A random label patch (random map, foreground-biased centre, random zoom, z flip)."""
+                  zoom: tuple[float, float] = (0.85, 1.2), focus: int | None = None) -> np.ndarray:
+    """A random label patch (random map, foreground-biased centre, random zoom, z flip).
+
+    ``focus``: a label value; when the map has it, foreground-biased centres are drawn from it
+    (a region model sees what its crop would contain).
+    """
     i = int(rng.integers(len(pool.maps)))
     lab, coords = pool.maps[i], pool.coords[i]
     f = rng.uniform(*zoom)
     size = tuple(int(math.ceil(p / f)) for p in patch)
     if coords and rng.random() < fg_p:
-        pts = coords[int(rng.choice(list(coords)))]
+        key = focus if focus in coords else int(rng.choice(list(coords)))
+        pts = coords[key]
         c = pts[rng.integers(len(pts))] + rng.integers(-12, 13, 3)
     else:
         c = np.array([rng.integers(0, s) for s in lab.shape])
@@ -121,7 +126,8 @@ def make_batch(spec: ModelSpec, pool: Pool, rng: np.random.Generator, real: Pool
                 x = synth.zscore(synth.mr_from_labels(lab, rng)) * rng.uniform(0.8, 1.25) + rng.uniform(-0.3, 0.3)
         else:
             src = real if use_real else pool
-            lab = sample_labels(src, rng, spec.patch)
+            focus = LABELS["liver"] if spec.name == "liver" else None
+            lab = sample_labels(src, rng, spec.patch, fg_p=0.85 if focus else 0.7, focus=focus)
             ignore = lab >= 100  # realdata.IGNORE_OFFSET + tissue: synthesised, not in the loss
             if ignore.any():
                 lab = lab.copy(); lab[ignore] -= 100
