@@ -139,7 +139,47 @@ def eval_liver(model: Model) -> dict:
     return {"example_ct": {"dice": round(dice(p, liver[sl]), 4), "seconds": round(dt, 2), "crop_shape": list(img.shape)}}
 
 
-EVALS = {"body": eval_body, "anatomy19": eval_anatomy, "liver": eval_liver}
+FACE_HELD_OUT = ("chris_t1.nii.gz",)
+FACE_TRAINING = ("brain1_image.nrrd", "brain2_image.nrrd")  # in face_area's training pool (inference.face.FacePool)
+
+
+def face_head(name: str, spacing: float) -> np.ndarray:
+    """A real MR head of ../shared/data/mr_heads on the canonical grid, resampled to ``spacing`` mm
+    with linear interpolation as :class:`inference.face.FacePool` does. Raises FileNotFoundError."""
+    img, A = realdata.load_image(realdata.DATA / "mr_heads" / name)
+    sp = np.linalg.norm(A[:3, :3], axis=0)
+    return ndi.zoom(img.astype(np.float32), sp / spacing, order=1)
+
+
+def eval_face_area(model: Model) -> dict:
+    """Dice of the predicted anonymised area vs the altered region, per mode (fixed seeds) and mean.
+
+    Each real MR head is anonymised as in training (inference.face: head mask, face region with the
+    default depth/brow, deface/reface/blur); chris_t1 is held out, brain1/brain2 are training-set scans.
+    """
+    from inference import face
+    res: dict = {}
+    for name in FACE_HELD_OUT + FACE_TRAINING:
+        img = face_head(name, model.manifest.spacing_mm[0])
+        region = face.face_region(face.head_mask(img), model.manifest.spacing_mm[0])
+        per, secs = {}, 0.0
+        for i, mode in enumerate(face.MODES):
+            anon = face.anonymise(img, region, np.random.default_rng(1000 + i), mode)
+            pred, dt = model.predict(anon, "MR")
+            per[mode] = round(dice(pred == 1, region), 4)
+            secs += dt
+        res[name.split(".")[0]] = {"split": "held_out" if name in FACE_HELD_OUT else "training_set",
+                                   "dice": per, "mean": round(float(np.mean(list(per.values()))), 4),
+                                   "region_voxels": int(region.sum()), "shape": list(img.shape),
+                                   "seconds": round(secs, 2)}
+    held = [res[n.split(".")[0]]["mean"] for n in FACE_HELD_OUT]
+    train = [res[n.split(".")[0]]["mean"] for n in FACE_TRAINING]
+    res["held_out_mean"] = round(float(np.mean(held)), 4)
+    res["training_set_mean"] = round(float(np.mean(train)), 4)
+    return res
+
+
+EVALS = {"body": eval_body, "anatomy19": eval_anatomy, "liver": eval_liver, "face_area": eval_face_area}
 
 
 def main(argv: list[str] | None = None) -> int:
