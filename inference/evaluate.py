@@ -144,11 +144,11 @@ FACE_TRAINING = ("brain1_image.nrrd", "brain2_image.nrrd")  # in face_area's tra
 
 
 def face_head(name: str, spacing: float) -> np.ndarray:
-    """A real MR head of ../shared/data/mr_heads on the canonical grid, resampled to ``spacing`` mm
-    with linear interpolation as :class:`inference.face.FacePool` does. Raises FileNotFoundError."""
+    """A real MR head of ../shared/data/mr_heads on the canonical grid at ``spacing`` mm, resampled
+    as the node does (block mean, then linear: inference.face.resample_head). Raises FileNotFoundError."""
+    from inference.face import resample_head
     img, A = realdata.load_image(realdata.DATA / "mr_heads" / name)
-    sp = np.linalg.norm(A[:3, :3], axis=0)
-    return ndi.zoom(img.astype(np.float32), sp / spacing, order=1)
+    return resample_head(img, A, spacing)
 
 
 def eval_face_area(model: Model) -> dict:
