@@ -68,6 +68,37 @@ class UNet3D(nn.Module):
         return out
 
 
+class ConstantSuppressed(nn.Module):
+    """``net`` whose voxels with an exactly constant 3x3x3 input neighbourhood are background.
+
+    The foreground seed paper's failure mode: a large field of view with an artificial boundary to
+    a constant-valued region (padding outside the reconstruction circle, synthetic fills) becomes
+    foreground. Imaged tissue and air always carry noise, padding never does, so such voxels are
+    forced to class 0 (logit margin ``margin``) - in every channel of the input at once. Voxels at
+    the upper clip of a window (``upper``: metal, dense bone clipped to 1.0) are exempt, so a clipped
+    implant is not punched out of the body. Used for the ``body`` model (inference.train.export).
+    """
+
+    def __init__(self, net: nn.Module, eps: float = 1e-6, upper: float | None = 1.0, margin: float = 30.0) -> None:
+        super().__init__()
+        self.net, self.eps, self.upper, self.margin = net, eps, upper, margin
+
+    def constant(self, x: torch.Tensor) -> torch.Tensor:
+        """[N,1,Z,Y,X] float: 1 where every channel's 3x3x3 neighbourhood is constant (and not clipped high)."""
+        lmax = F.max_pool3d(x, 3, 1, 1)
+        lmin = -F.max_pool3d(-x, 3, 1, 1)
+        flat = ((lmax - lmin) <= self.eps).float().amin(1, keepdim=True)
+        if self.upper is not None:
+            flat = flat * (x.amax(1, keepdim=True) < self.upper - 1e-4).float()
+        return flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = self.net(x)
+        c = self.constant(x) * self.margin
+        bias = torch.cat([c, -c.expand(-1, out.shape[1] - 1, -1, -1, -1)], 1)
+        return out + bias
+
+
 def n_params(net: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in net.parameters() if p.requires_grad)

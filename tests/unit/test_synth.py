@@ -68,3 +68,22 @@ def test_windows_zscore_and_mr(chest: np.ndarray) -> None:
     assert np.median(mr[chest == 0]) < np.median(mr[(chest != 0) & (chest != L["gas"])])
     z = synth.zscore(mr)
     assert z.shape == (1, *mr.shape) and abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1) < 1e-3
+
+
+def test_constant_suppression_forces_background_only_on_flat_unclipped_input() -> None:
+    """inference.unet.ConstantSuppressed: padding-like flat regions become class 0, tissue does not."""
+    import torch
+    from inference.unet import ConstantSuppressed
+
+    class AlwaysBody(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = torch.zeros_like(x[:, :1])
+            return torch.cat([z, z + 5.0], 1)  # every voxel says "body"
+
+    x = torch.from_numpy(np.random.default_rng(1).normal(0.4, 0.01, (1, 1, 8, 12, 12)).astype(np.float32))
+    x[..., 6:] = 0.0          # constant padding (e.g. -1024 HU after windowing)
+    x[:, :, 2:6, 2:5, 2:5] = 1.0  # a clipped implant inside the tissue: flat but at the upper clip
+    out = ConstantSuppressed(AlwaysBody())(x).argmax(1)[0]
+    assert (out[:, :, 7:] == 0).all()            # inside the padding: background
+    assert (out[:, :, :5] == 1).all()            # noisy tissue (and the clipped implant): body
+    assert (out[3:5, 3, 3] == 1).all()
