@@ -9,6 +9,8 @@ normalisation the node applies, from labels.json) and prints per-class Dice (and
   against an intensity-threshold mask (plausibility only).
 * anatomy19: example_ct against TotalSegmentator's classes mapped to the 19 CTARR anatomies,
   mean over the classes present in the reference.
+* face_area: real MR heads (chris_t1 held out; brain1/brain2 in its training pool, reported as
+  training-set figures) anonymised deface/reface/blur with fixed seeds; Dice vs the altered region.
 * liver: the anatomy19 liver channel, and the liver model on a liver crop (reference bounding box +
   10 mm) at 1.5 mm when that model exists.
 
@@ -156,6 +158,7 @@ def eval_face_area(model: Model) -> dict:
 
     Each real MR head is anonymised as in training (inference.face: head mask, face region with the
     default depth/brow, deface/reface/blur); chris_t1 is held out, brain1/brain2 are training-set scans.
+    ``intact_predicted_voxels``: voxels labelled altered on the head before anonymisation (should be ~0).
     """
     from inference import face
     res: dict = {}
@@ -168,9 +171,12 @@ def eval_face_area(model: Model) -> dict:
             pred, dt = model.predict(anon, "MR")
             per[mode] = round(dice(pred == 1, region), 4)
             secs += dt
+        intact, dt = model.predict(img, "MR")  # nothing altered: every predicted voxel is a false positive
+        secs += dt
         res[name.split(".")[0]] = {"split": "held_out" if name in FACE_HELD_OUT else "training_set",
                                    "dice": per, "mean": round(float(np.mean(list(per.values()))), 4),
-                                   "region_voxels": int(region.sum()), "shape": list(img.shape),
+                                   "region_voxels": int(region.sum()), "intact_predicted_voxels": int((intact == 1).sum()),
+                                   "shape": list(img.shape),
                                    "seconds": round(secs, 2)}
     held = [res[n.split(".")[0]]["mean"] for n in FACE_HELD_OUT]
     train = [res[n.split(".")[0]]["mean"] for n in FACE_TRAINING]

@@ -96,8 +96,10 @@ class FacePool:
             img, A = load_image(DATA / "mr_heads" / name)
             self.real.append(resample_head(img, A, spacing))
 
-    def sample(self, rng: np.random.Generator, patch: tuple[int, int, int], real_p: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
-        """(zscored image (1, *patch), target (patch)) of one anonymised head patch."""
+    def sample(self, rng: np.random.Generator, patch: tuple[int, int, int], real_p: float = 0.35,
+               intact_p: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+        """(zscored image (1, *patch), target (patch)) of one head patch, anonymised except with
+        probability ``intact_p`` (then the target is empty)."""
         from inference import synth
         from inference.train import crop_patch
         if self.real and rng.random() < real_p:
@@ -111,6 +113,8 @@ class FacePool:
             img = synth.mr_from_labels(lab, rng) if rng.random() < 0.75 else synth.ct_from_labels(lab, rng)
             head = ~np.isin(lab, synth.NOT_BODY)
         region = face_region(head, self.spacing, DEPTH_MM * rng.uniform(0.85, 1.15), BROW_MM * rng.uniform(0.85, 1.15))
+        if rng.random() < intact_p:  # an intact face is not an altered area (else it learns where faces are)
+            region = np.zeros_like(region)
         out = anonymise(img, region, rng)
         pts = np.argwhere(region) if region.any() and rng.random() < 0.7 else np.argwhere(head)
         c = pts[rng.integers(len(pts))] if len(pts) else np.array(out.shape) // 2
