@@ -17,7 +17,6 @@ results go) comes in a :class:`PipelineContext`; the node (``worker.py``) and th
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import traceback
@@ -219,27 +218,14 @@ def _findings(summary: SeriesSummary, measured: Any, grid: Volume) -> Any:
     )
 
 
-def _header_view(uncorrected: Volume, correction: np.ndarray) -> Any:
-    """Map Volumes on the orientation-corrected grid back to header coordinates and source frames.
-
-    ``apply_orientation`` gives the corrected volume an affine in true (anatomical) coordinates;
-    results must be written on the source images as their headers describe them, so each result
-    is re-described by ``inv(correction) @ affine`` with the uncorrected volume's source frames and
-    source grid (no resampling: the array is untouched).
-    """
-    inv = np.linalg.inv(correction)
-
-    def view(v: Volume) -> Volume:
-        return dataclasses.replace(v, affine=inv @ v.affine, source=uncorrected.source,
-                                   source_affine=uncorrected.source_affine, source_shape=uncorrected.source_shape)
-
-    return view
-
-
 def _source_box(grid: Volume, lower: Any, upper: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """A box [lower, upper) of ``grid``'s voxels as the enclosing box of source-grid voxels."""
+    """A box [lower, upper) of ``grid``'s voxels as the enclosing box of source-grid voxels.
+
+    Goes through the headers' coordinates (``header_affine``), so it also holds for a grid whose
+    orientation was corrected from the anatomy.
+    """
     assert grid.source_affine is not None and grid.source_shape is not None
-    to_source = np.linalg.inv(grid.source_affine) @ grid.affine
+    to_source = np.linalg.inv(grid.source_affine) @ grid.header_affine
     lo, hi = np.asarray(lower, float), np.asarray(upper, float) - 1.0  # last voxel inside
     corners = np.array([[c0, c1, c2, 1.0] for c0 in (lo[0], hi[0]) for c1 in (lo[1], hi[1]) for c2 in (lo[2], hi[2])])
     idx = (corners @ to_source.T)[:, :3]
@@ -299,10 +285,9 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
         qc: dict[str, Any] = {}
         region_summaries: list[RegionSummary] = []
         reg = anatomy = None
-        to_header: Any = lambda v: v  # a Volume on the processing grid, in header coordinates
         if "anatomy19" in pipeline.models:
             from dicomnode.anatomy import qc as anatomy_qc
-            from dicomnode.anatomy.register import apply_orientation, correction_matrix, register
+            from dicomnode.anatomy.register import apply_orientation, register
 
             with timer("infer:anatomy19"):
                 anatomy = ctx.client.segment_native(volume, "anatomy19")
@@ -325,17 +310,17 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
                     qc.update(anatomy_qc.check(anatomy.labels, reg, ctx.atlas).to_json())
                 if reg.reoriented and cfg.anatomy.correct_orientation:
                     # the anatomy disagrees with the header: the models see the anatomically correct
-                    # orientation; every result is re-described in header coordinates (to_header)
+                    # orientation; the corrected volume keeps its way back to the source frames as
+                    # their headers describe them (header_transform), so results map back through
+                    # to_source_grid like any other (SEG, SR, measurements)
                     with timer("orient:correct"):
-                        to_header = _header_view(volume, correction_matrix(reg))
                         volume = apply_orientation(volume, reg)
                         reg = reg.corrected()
                     orientation["corrected"] = True
         # 5. whole-volume models (body; face_area for MR heads; ...)
         for model in (m for m in pipeline.models if m != "anatomy19"):
             with timer(f"infer:{model}"):
-                pred = ctx.client.segment(volume, model)
-                predictions.append((model, dataclasses.replace(pred, labels=to_header(pred.labels))))
+                predictions.append((model, ctx.client.segment(volume, model)))
         # 6. regions: atlas boxes -> scan boxes -> crops -> region models on the crops -> paste back
         if reg is not None and pipeline.regions:
             from dicomnode.anatomy.regions import crop_region, paste_back
@@ -349,14 +334,13 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
                         qc.setdefault("regions_outside_image", []).append(name)
                         log.info("job %s %s: region %s: %s", job.job_id, key, name, exc.reason)
                         continue
-                lower, upper = _source_box(to_header(volume), crop.lower, crop.upper)
+                lower, upper = _source_box(volume, crop.lower, crop.upper)
                 region_summaries.append(RegionSummary(name, lower, upper, models_for.get(name, "")))
                 if name in models_for:
                     with timer(f"infer:{models_for[name]}"):
                         pred = ctx.client.segment(crop.volume, models_for[name])
                     with timer(f"paste:{name}"):
-                        pasted = paste_back(pred, volume)
-                        predictions.append((models_for[name], dataclasses.replace(pasted, labels=to_header(pasted.labels))))
+                        predictions.append((models_for[name], paste_back(pred, volume)))
         # 7. results: SEG (one segment per label, mapped back onto the source frames) + SR
         with timer("results"), ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
             preds = [p for _, p in predictions]

@@ -65,7 +65,10 @@ class Volume:
 
     ``source`` holds one :class:`SourceFrame` per slice of the *original* stack (in array order) when
     the volume is on the source grid, and stays attached to derived volumes so results can be
-    mapped back; ``source_affine`` / ``source_shape`` describe that original grid.
+    mapped back; ``source_affine`` / ``source_shape`` describe that original grid, and the frames'
+    positions are, as the source headers state them. ``header_transform`` (4x4, LPS -> LPS) maps
+    this volume's coordinates to those header coordinates when they differ (after an anatomical
+    orientation correction, whose ``affine`` states where the voxels really are); None = the same.
     """
 
     array: np.ndarray
@@ -76,6 +79,7 @@ class Volume:
     geometry: GeometryReport = field(default_factory=GeometryReport)
     source_affine: np.ndarray | None = None
     source_shape: tuple[int, int, int] | None = None
+    header_transform: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.array)
@@ -111,6 +115,11 @@ class Volume:
     def direction(self) -> np.ndarray:
         """3x3 matrix whose columns are unit vectors of the (slice, row, column) axes in LPS."""
         return self.affine[:3, :3] / np.array(self.spacing)
+
+    @property
+    def header_affine(self) -> np.ndarray:
+        """The affine in the source headers' coordinates (``header_transform @ affine``)."""
+        return self.affine if self.header_transform is None else np.asarray(self.header_transform) @ self.affine
 
     @property
     def origin(self) -> np.ndarray:
@@ -246,8 +255,15 @@ def _nearest_axis_aligned(src: np.ndarray, m: np.ndarray, shape: tuple[int, int,
 
 
 def to_source_grid(labels: Volume, *, cval: float = 0.0) -> Volume:
-    """A label Volume mapped (nearest neighbour) back onto its original source grid."""
+    """A label Volume mapped (nearest neighbour) back onto its original source grid.
+
+    The result is described as the source headers describe it: ``affine`` is ``source_affine``, no
+    ``header_transform``, and array slice ``i`` lies on ``source[i]`` (on that frame's own position
+    for stacks that are not one regular grid).
+    """
     assert labels.source_affine is not None and labels.source_shape is not None
+    if labels.header_transform is not None:  # corrected coordinates -> the headers' (exact, no resampling)
+        labels = dataclasses.replace(labels, affine=labels.header_affine, header_transform=None)
     if labels.shape == labels.source_shape and np.allclose(labels.affine, labels.source_affine, atol=1e-6):
         return labels
     src_aff, src_shape = labels.source_affine, labels.source_shape

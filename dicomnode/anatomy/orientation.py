@@ -31,9 +31,13 @@ def apply_orientation(volume: Volume, registration: Registration) -> Volume:
 
     The affine is corrected so it states where the voxels really are (rotation about the anatomy
     grid centre), then the array axes are permuted/flipped so the axis directions match the
-    original ones again (slices stay slices). ``source_affine`` moves with the correction, so
-    ``to_source_grid`` still lands results on the original pixel grid; ``source`` frames follow
-    the slice axis (reversed for a z flip). Returns ``volume`` unchanged when no correction is due.
+    original ones again (slices stay slices). The provenance keeps describing the source images as
+    their headers do - ``source`` frames (order and positions), ``source_affine``, ``source_shape``
+    unchanged - and ``header_transform`` gains the inverse correction, so
+    :func:`dicomnode.volume.to_source_grid` puts results computed on the corrected volume exactly
+    onto the source frames (regular, reversed or irregularly spaced stacks alike). Returns
+    ``volume`` unchanged when no correction is due; raises ValueError when the correction does not
+    map the grid axes onto each other (an oblique grid).
     """
     if not registration.reoriented:
         return volume
@@ -56,12 +60,17 @@ def apply_orientation(volume: Volume, registration: Registration) -> Volume:
         new[:3, j] = -new[:3, j]
     if flips:
         arr = np.flip(arr, axis=tuple(flips))
-    source = volume.source
-    if source and perm[0] == 0 and len(source) == shape[0]:
-        source = tuple(reversed(source)) if 0 in flips else source
-    elif source:
-        source = ()
     geometry = dataclasses.replace(volume.geometry, actions=volume.geometry.actions + ("reoriented:anatomy",))
-    src_aff = corr @ volume.source_affine if volume.source_affine is not None else None
-    return dataclasses.replace(volume, array=np.ascontiguousarray(arr), affine=new, source=source, geometry=geometry,
-                               source_affine=src_aff, source_shape=volume.source_shape)
+    back = _inverse(corr)  # true coordinates -> the coordinates the volume had (exact: signed permutation)
+    header = back if volume.header_transform is None else np.asarray(volume.header_transform) @ back
+    header.flags.writeable = False
+    return dataclasses.replace(volume, array=np.ascontiguousarray(arr), affine=new, geometry=geometry,
+                               header_transform=header)
+
+
+def _inverse(m: np.ndarray) -> np.ndarray:
+    """Inverse of a 4x4 isometry (orthogonal linear part), exact for signed permutations."""
+    out = np.eye(4)
+    out[:3, :3] = m[:3, :3].T
+    out[:3, 3] = -(m[:3, :3].T @ m[:3, 3])
+    return out
