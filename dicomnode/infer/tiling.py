@@ -97,12 +97,59 @@ def antialias_factors(volume: Volume, spacing: tuple[float, float, float]) -> tu
     return tuple(out)  # type: ignore[return-value]
 
 
+def _sum_blocks(s: np.ndarray, ax: int, f: int) -> np.ndarray:
+    """int32 sums of blocks of ``f`` along axis ``ax``; a partial last block counts its last plane again."""
+    if f == 1:
+        return s
+    v = np.moveaxis(s, ax, 0)
+    n = v.shape[0]
+    m = n // f * f
+    red = v[0:m:f].astype(np.int32)
+    for j in range(1, f):  # strided adds, vectorised over whole planes (also along the column axis)
+        red += v[j:m:f]
+    if m < n:
+        tail = v[m:].sum(axis=0, dtype=np.int32) + np.int32(f - (n - m)) * v[-1].astype(np.int32)
+        red = np.concatenate([red, tail[None]], axis=0)
+    return np.moveaxis(red, 0, ax)
+
+
+def _block_sum_int(array: np.ndarray, k: tuple[int, int, int]) -> np.ndarray:
+    """Exact int32 sums of k0 x k1 x k2 blocks of an integer array, edges padded by replication.
+
+    One block of slices at a time (its planes summed, then rows and columns), so the work stays in
+    cache and nothing volume-sized is allocated but the output; the replicated edge of a partial
+    block is added as ``missing * last`` instead of padding.
+    """
+    f0 = k[0]
+    n0 = array.shape[0]
+    first = _sum_blocks(_sum_blocks(array[:1].sum(axis=0, dtype=np.int32), 0, k[1]), 1, k[2])
+    out = np.empty((-(-n0 // f0),) + first.shape, dtype=np.int32)
+    for b, z in enumerate(range(0, n0, f0)):
+        chunk = array[z:z + f0]
+        plane = chunk.sum(axis=0, dtype=np.int32)
+        if chunk.shape[0] < f0:
+            plane += np.int32(f0 - chunk.shape[0]) * chunk[-1].astype(np.int32)
+        out[b] = _sum_blocks(_sum_blocks(plane, 0, k[1]), 1, k[2])
+    return out
+
+
 def block_mean(array: np.ndarray, affine: np.ndarray, k: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 means of k0 x k1 x k2 blocks, the affine of the block grid); edges padded by replication."""
-    pad = [(0, (-n) % f) for n, f in zip(array.shape, k)]
-    a = np.pad(array, pad, mode="edge") if any(p[1] for p in pad) else array
-    n = [s // f for s, f in zip(a.shape, k)]
-    out = a.reshape(n[0], k[0], n[1], k[1], n[2], k[2]).mean(axis=(1, 3, 5), dtype=np.float32)
+    """(float32 means of k0 x k1 x k2 blocks, the affine of the block grid); edges padded by replication.
+
+    Integer arrays (CT) whose block sums stay below 2**24 are summed exactly in int32 without a
+    padded copy: float32 sums of such values are exact in any order, so the result is bit for bit
+    numpy's ``mean(dtype=float32)`` of the padded array (the general path), ~3x faster.
+    """
+    count = int(k[0] * k[1] * k[2])
+    limit = max(abs(int(np.iinfo(array.dtype).min)), int(np.iinfo(array.dtype).max)) if array.dtype.kind in "iu" else 0
+    if array.dtype.kind in "iu" and array.dtype.itemsize <= 2 and count * limit < 2 ** 24:
+        out = np.ascontiguousarray(_block_sum_int(array, k), dtype=np.float32)
+        np.true_divide(out, np.intp(count), out=out, casting="unsafe")  # as numpy's mean: float64 divide, rounded
+    else:
+        pad = [(0, (-n) % f) for n, f in zip(array.shape, k)]
+        a = np.pad(array, pad, mode="edge") if any(p[1] for p in pad) else array
+        n = [s // f for s, f in zip(a.shape, k)]
+        out = a.reshape(n[0], k[0], n[1], k[1], n[2], k[2]).mean(axis=(1, 3, 5), dtype=np.float32)
     aff = np.array(affine, dtype=np.float64)
     new = aff.copy()
     new[:3, :3] = aff[:3, :3] * np.asarray(k, dtype=np.float64)
