@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.anatomy.agreement import VOLUME_HIGH, VOLUME_LOW
 from dicomnode.anatomy.atlas import CLASS_NAMES, LR_PAIRS, N_CLASSES, Atlas, load_atlas
 from dicomnode.anatomy.register import Registration, _kinds, _scan_points
 from dicomnode.volume import Volume
 
 RESIDUAL_WARN_MM = 40.0
-VOLUME_LOW, VOLUME_HIGH = 0.35, 2.5
 LR_TOLERANCE_MM = 10.0
 SPINE_CLASSES = (2, 6, 7, 8)  # C, T, L vertebrae, sacrum: head -> feet
 COMPACT_CLASSES = (11, 14, 15, 16, 17, 18, 19)  # brain, heart, liver, spleen, kidneys, bladder: one piece in z

@@ -10,7 +10,9 @@ by an optional z flip. ``O`` says how the anatomy really lies compared with what
    Beyond the paper: an anatomy cut by the scan border along an axis only gives a one-sided
    constraint along that axis (its true centre lies beyond the observed one), and the decision is
    verified only when the best configuration beats every other one by a clear margin - rotation
-   and z direction separately; otherwise the header orientation is kept and ``verified`` is false.
+   and z direction separately - and most of the anatomy supports it (robust landmark residual and
+   volume plausibility, agreement.py); otherwise the header orientation is kept and ``verified``
+   is false.
 3. Dice descent of per-axis scale and translation (normalised parameters as in the paper's code:
    step 0.05, halve when the loss improved by less than 0.005, stop at the fourth halving). The
    soft Dice is evaluated in scan space (equal to the atlas-space Dice by change of variables), so
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.anatomy.agreement import AGREE_MIN_SHARE, AGREE_MM, agreement
 from dicomnode.anatomy.atlas import LPS_TO_FRAME, N_CLASSES, Atlas, FrameGrid, frame_aligned
 from dicomnode.anatomy.orientation import apply_orientation, correction_matrix
 from dicomnode.volume import Volume
@@ -76,6 +79,7 @@ class Registration:
     flip_margin_mm: float = 0.0
     paper_rule: bool = False
     suggested: tuple[int, bool] = (0, False)
+    agreement: float | None = None  # share of the anatomy supporting a verified ``suggested`` (agreement.py)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -113,6 +117,7 @@ class Registration:
                             "verified": bool(self.verified), "reason": self.reason,
                             "rotation_margin_mm": round(self.rotation_margin_mm, 2),
                             "flip_margin_mm": round(self.flip_margin_mm, 2), "paper_rule": bool(self.paper_rule),
+                            "agreement": None if self.agreement is None else round(float(self.agreement), 3),
                             "suggested": {"rotation_quarter_turns": int(self.suggested[0]),
                                           "z_flipped": bool(self.suggested[1])}},
             "transform": {"frame": "atlas mm: axis0 feet, axis1 back, axis2 left; atlas = scale*O*(scan-centre)+t",
@@ -458,8 +463,20 @@ def register(anatomy: Volume, atlas: Atlas, *, probabilities: np.ndarray | None 
     wc = coverage_weights(scan.mass, atlas)
     paper_rule = int(np.sum(wc > 0.25)) > 3
     costs = _orientation_costs(scan, atlas, wc)
+    agree: float | None = None
     if orientation_search:
         k_s, f_s, m_rot, m_z, reason, verified = _decide(costs)
+        if verified:  # the margin alone is not enough: most of the anatomy must support it (agreement.py)
+            o_s = orientation_matrix(k_s, f_s)
+            whole = np.all(_kinds(scan.trunc, np.eye(3)) == 0, axis=1)
+            ag = agreement(scan.com @ o_s.T, _kinds(scan.trunc, o_s), scan.mass, wc, whole, atlas.com, atlas.mass,
+                           costs[(k_s, f_s)][0])
+            agree = ag.share
+            if not ag.ok:
+                verified = False
+                reason = (f"anatomy does not support the best orientation ({k_s * 90} deg, z flip {f_s}): "
+                          f"{ag.share:.0%} of it within {AGREE_MM:.0f} mm of the atlas with a plausible volume "
+                          f"(needs {AGREE_MIN_SHARE:.0%}); not fitting: {', '.join(ag.disagreeing[:4])}")
         k, flip = (k_s, f_s) if verified else (0, False)
     else:
         k_s, f_s, m_rot, m_z, reason, verified = 0, False, 0.0, 0.0, "orientation search disabled", False
@@ -478,5 +495,5 @@ def register(anatomy: Volume, atlas: Atlas, *, probabilities: np.ndarray | None 
         translation=tuple(float(v) for v in translation), residual=residual, verified=bool(verified),  # type: ignore[arg-type]
         reason=reason, centre=centre, dice=float(dice), iterations=int(iters),  # type: ignore[arg-type]
         weights=tuple(float(v) for v in wc), rotation_margin_mm=float(m_rot), flip_margin_mm=float(m_z),
-        paper_rule=paper_rule, suggested=(int(k_s), bool(f_s)),
+        paper_rule=paper_rule, suggested=(int(k_s), bool(f_s)), agreement=agree,
     )
