@@ -176,14 +176,20 @@ class DirectorySource:
 
 
 def write_results(folder: Path, objects: list[ResultObject], summary: SeriesSummary | None,
-                  extra: dict[str, Any] | None = None) -> list[Path]:
-    """Write ``<kind>.dcm`` for each object (+ ``summary.json``) atomically into ``folder``."""
+                  extra: dict[str, Any] | None = None, encoded: list[bytes] | None = None) -> list[Path]:
+    """Write ``<kind>.dcm`` for each object (+ ``summary.json``) atomically into ``folder``.
+
+    ``encoded``: the objects' file bytes when already encoded (``outbox.encode``), in order.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for obj in objects:
+    for i, obj in enumerate(objects):
         final = folder / f"{obj.kind}.dcm"
         tmp = folder / f".{obj.kind}.dcm.tmp"
-        obj.dataset.save_as(tmp, enforce_file_format=True)
+        if encoded is not None:
+            tmp.write_bytes(encoded[i])
+        else:
+            obj.dataset.save_as(tmp, enforce_file_format=True)
         os.replace(tmp, final)
         written.append(final)
     if summary is not None or extra:
@@ -234,17 +240,22 @@ class NodeSink:
 
         Raises TransientError when the outbox cannot take the objects now (the job is retried).
         """
+        from dicomnode.store.outbox import encode
+
         dests = {d for obj in objects for d in result_destinations(self.cfg, obj.destinations)}
         if dests and self.outbox is None:
             raise TransientError("results have destinations but the node has no outbox")
+        encoded = [encode(obj.dataset) for obj in objects]  # once, for the folder and every destination
         if self.folder is not None:
             try:
-                write_results(self.folder / series_key(job.series_instance_uid), objects, summary)
+                write_results(self.folder / series_key(job.series_instance_uid), objects, summary, encoded=encoded)
             except OSError as exc:
                 raise TransientError(f"results folder not writable: {type(exc).__name__}") from exc
-        for obj in objects:
+        for obj, data in zip(objects, encoded):
             for dest in result_destinations(self.cfg, obj.destinations):
-                self.outbox.enqueue(obj.dataset, dest, kind=obj.kind)
+                self.outbox.enqueue(obj.dataset, dest, kind=obj.kind, data=data, notify=False)
+        if dests:
+            self.outbox.notify()  # wake the sender once: SEG + SR go out in one association
 
 
 class MetricsServer:

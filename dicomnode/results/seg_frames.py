@@ -121,32 +121,53 @@ def _frame_content(segment: int, position: int) -> bytes:
                                0x0020, 0x9157, b"UL", 8, segment, position)
 
 
+def _frame(lab: np.ndarray, z: int, ys: slice, v: int, row_bytes: int, byte_aligned: bool) -> bytes | np.ndarray:
+    """The packed frame of segment ``v`` on slice ``z``, whose voxels all lie in the rows ``ys``."""
+    if row_bytes:
+        band = np.packbits(lab[z, ys, :] == v, bitorder="little").tobytes()
+        return bytes(ys.start * row_bytes) + band + bytes((lab.shape[1] - ys.stop) * row_bytes)
+    if byte_aligned:
+        return np.packbits(lab[z] == v, bitorder="little").tobytes()
+    return (lab[z] == v).reshape(-1)
+
+
 def label_frames(lab: np.ndarray, byte_aligned: bool) -> dict[tuple[int, int], bytes | np.ndarray]:
     """(segment number, slice) -> packed frame (a flat bool frame when frames are not byte aligned).
 
-    Every segment is visited only inside its bounding box (``scipy.ndimage.find_objects``); when
-    a row is a whole number of bytes only the rows of the box are compared and packed, the rest
-    of the frame is zero bytes.
+    One pass takes the maximum of every row. A map holding only segment 1 (one model with one
+    label, e.g. body) then needs nothing else: each slice's frame is packed from the rows where
+    the maximum is not zero. Otherwise every segment is visited only inside its bounding box
+    (``scipy.ndimage.find_objects`` on the box of all segments); when a row is a whole number of
+    bytes only the rows of the box are compared and packed, the rest of the frame is zero bytes.
     """
     from scipy import ndimage
 
-    rows, cols = lab.shape[1], lab.shape[2]
+    cols = lab.shape[2]
     row_bytes = cols // 8 if cols % 8 == 0 else 0
     out: dict[tuple[int, int], bytes | np.ndarray] = {}
-    for v, box in enumerate(ndimage.find_objects(lab), start=1):
+    if lab.size == 0:
+        return out
+    row_max = lab.max(axis=2)  # (slice, row)
+    slices = np.flatnonzero(row_max.any(axis=1))
+    if slices.size == 0:
+        return out
+    if int(row_max.max()) == 1:
+        for z in slices:
+            rows = np.flatnonzero(row_max[z])
+            out[(1, int(z))] = _frame(lab, int(z), slice(int(rows[0]), int(rows[-1]) + 1), 1, row_bytes, byte_aligned)
+        return out
+    used_rows = np.flatnonzero(row_max.any(axis=0))
+    used_cols = np.flatnonzero(lab.max(axis=1).any(axis=0))
+    origin = (int(slices[0]), int(used_rows[0]), int(used_cols[0]))
+    inner = lab[origin[0]:int(slices[-1]) + 1, origin[1]:int(used_rows[-1]) + 1, origin[2]:int(used_cols[-1]) + 1]
+    for v, box in enumerate(ndimage.find_objects(inner), start=1):
         if box is None:
             continue
-        zs, ys, xs = box
+        zs, ys, xs = (slice(b.start + o, b.stop + o) for b, o in zip(box, origin))
         for z in range(zs.start, zs.stop):
             if not np.any(lab[z, ys, xs] == v):
                 continue
-            if row_bytes:
-                band = np.packbits(lab[z, ys, :] == v, bitorder="little").tobytes()
-                out[(v, z)] = bytes(ys.start * row_bytes) + band + bytes((rows - ys.stop) * row_bytes)
-            elif byte_aligned:
-                out[(v, z)] = np.packbits(lab[z] == v, bitorder="little").tobytes()
-            else:
-                out[(v, z)] = (lab[z] == v).reshape(-1)
+            out[(v, z)] = _frame(lab, z, ys, v, row_bytes, byte_aligned)
     return out
 
 

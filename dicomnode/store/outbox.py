@@ -206,6 +206,15 @@ class SqliteOutboxStore:
         self._pool.close()
 
 
+def encode(dataset: Dataset) -> bytes:
+    """``dataset`` as DICOM file bytes (file meta enforced), exactly as :meth:`Outbox.enqueue` stores it."""
+    from io import BytesIO
+
+    buf = BytesIO()
+    dataset.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def _write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,21 +260,27 @@ class Outbox:
         """The file of ``entry``."""
         return self.directory / entry.path
 
-    def enqueue(self, dataset: Dataset, destination: str, *, kind: str = "") -> OutboxEntry:
+    def notify(self) -> None:
+        """Call the listeners now (after a group of ``enqueue(..., notify=False)``)."""
+        for cb in self._listeners:
+            cb()
+
+    def enqueue(self, dataset: Dataset, destination: str, *, kind: str = "", data: bytes | None = None,
+                notify: bool = True) -> OutboxEntry:
         """Queue ``dataset`` for ``destination``; returns its entry once file and row are durable.
 
-        Raises ValueError for a dataset without valid SOP/series UIDs, TransientError when the
-        file or the row cannot be written now (disk full, database locked).
+        ``data``: the dataset already encoded by :func:`encode` (one encoding for several
+        destinations). ``notify=False`` leaves waking the sender to a later :meth:`notify`, so the
+        objects of one series (SEG + SR) go out in one association. Raises ValueError for a dataset
+        without valid SOP/series UIDs, TransientError when the file or the row cannot be written
+        now (disk full, database locked).
         """
         sop_uid = str(dataset.get("SOPInstanceUID", ""))
         series_uid = str(dataset.get("SeriesInstanceUID", ""))
         if not (is_valid_uid(sop_uid) and is_valid_uid(series_uid)) or "SOPClassUID" not in dataset:
             raise ValueError("dataset needs valid SOP class, SOP instance and series UIDs")
-        from io import BytesIO
-
-        buf = BytesIO()
-        dataset.save_as(buf, enforce_file_format=True)
-        data = buf.getvalue()
+        if data is None:
+            data = encode(dataset)
         digest = hashlib.sha256(data).hexdigest()
         rel = f"{sop_uid}.dcm"
         now = self._clock()
@@ -280,8 +295,8 @@ class Outbox:
         if fresh:
             log.info("outbox: queued entry %d (%s) for %s, series %s", entry.id, kind or "object", destination,
                      series_key(series_uid))
-            for cb in self._listeners:
-                cb()
+            if notify:
+                self.notify()
         return entry
 
     def due(self, now: float | None = None, limit: int = 100) -> list[OutboxEntry]:
