@@ -67,6 +67,9 @@ def crop_patch(lab: np.ndarray, centre: np.ndarray, size: tuple[int, ...], fill:
     return out
 
 
+ROT_P = 0.5  # share of anatomy19 patches turned by 1-3 quarter turns in the axial plane
+
+
 def sample_labels(pool: Pool, rng: np.random.Generator, patch: tuple[int, int, int], fg_p: float = 0.7,
                   zoom: tuple[float, float] = (0.85, 1.2), focus: int | None = None) -> np.ndarray:
     """A random label patch (random map, foreground-biased centre, random zoom, z flip).
@@ -138,6 +141,11 @@ def make_batch(spec: ModelSpec, pool: Pool, rng: np.random.Generator, real: Pool
                 y = (y == LABELS["liver"]).astype(np.int64)
                 y[ignore] = 255
             x = synth.window_channels(synth.ct_from_labels(lab, rng), spec.windows)
+            if spec.name == "anatomy19" and x.shape[-1] == x.shape[-2] and rng.random() < ROT_P:
+                # a wrong header turns the array in the axial plane (CTARR's 8 configurations): the
+                # model must still name the anatomies there for the orientation check to find it
+                k = int(rng.integers(1, 4))
+                x, y = np.rot90(x, k, axes=(-2, -1)).copy(), np.rot90(y, k, axes=(-2, -1)).copy()
         xs.append(x); ys.append(y)
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
