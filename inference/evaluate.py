@@ -83,19 +83,13 @@ class Model:
     def predict(self, img: np.ndarray, modality: str = "CT", node_order: bool = True) -> tuple[np.ndarray, float]:
         """Label map (argmax) and seconds. ``img`` is on the realdata grid (slices head -> feet);
         with ``node_order`` it is fed feet -> head, the order of dicomnode.series.geometry.to_canonical."""
+        from dicomnode.infer.tiling import keep_largest_components
+        keep = self.manifest.largest_component  # the node's own post-processing (client.segment_native)
         if node_order:
             y, dt = self.logits(np.ascontiguousarray(img[::-1]), modality)
-            return np.ascontiguousarray(np.argmax(y, 0).astype(np.int16)[::-1]), dt
+            return np.ascontiguousarray(keep_largest_components(np.argmax(y, 0).astype(np.int16), keep)[::-1]), dt
         y, dt = self.logits(img, modality)
-        return np.argmax(y, 0).astype(np.int16), dt
-
-
-def largest_component(m: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a mask."""
-    lab, n = ndi.label(m, np.ones((3, 3, 3)))
-    if n <= 1:
-        return m
-    return lab == 1 + int(np.argmax(ndi.sum(m, lab, range(1, n + 1))))
+        return keep_largest_components(np.argmax(y, 0).astype(np.int16), keep), dt
 
 
 def eval_body(model: Model) -> dict:
@@ -137,7 +131,6 @@ def eval_liver(model: Model) -> dict:
     img = ndi.zoom(s.image[sl], f, order=1)
     pred, dt = model.predict(img, "CT")
     p = ndi.zoom((pred == 1).astype(np.uint8), [a / b for a, b in zip(liver[sl].shape, pred.shape)], order=0) > 0
-    p = largest_component(p) if p.any() else p
     return {"example_ct": {"dice": round(dice(p, liver[sl]), 4), "seconds": round(dt, 2), "crop_shape": list(img.shape)}}
 
 

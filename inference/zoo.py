@@ -67,6 +67,7 @@ class ModelSpec:
     version: str = "1.0.0"
     description: str = ""
     stem: int = 1  # 2: the U-Net runs at half resolution (see inference.unet)
+    largest_component: tuple[int, ...] = ()  # labels the node keeps to their largest component
 
     @property
     def pad_multiple(self) -> int:
@@ -105,7 +106,7 @@ SPECS: dict[str, ModelSpec] = {
         name="liver", in_ch=1,
         labels=(_label(1, "liver", "10200004", "Liver", None, (221, 130, 101)),),
         base=8, stages=4, patch=(64, 96, 96), batch=1, spacing_mm=1.5, windows=((-150.0, 250.0),),
-        infer_patch=(96, 160, 160),
+        infer_patch=(96, 160, 160), largest_component=(1,),
         description="liver on a CTARR liver crop at 1.5 mm, 3D U-Net (8 base filters) trained on synthetic CT"),
 }
 
@@ -122,4 +123,6 @@ def manifest(spec: ModelSpec, extra: dict[str, Any] | None = None) -> dict[str, 
     }
     if spec.by_modality:
         m["normalisation_by_modality"] = dict(spec.by_modality)
+    if spec.largest_component:
+        m["largest_component"] = list(spec.largest_component)
     return m

@@ -60,6 +60,7 @@ class ModelManifest:
     overlap: float = 0.5  # sliding-window overlap, fraction of the patch
     output_kind: str = "logits"  # "logits" or "probabilities" (channel 0 = background)
     normalisation_by_modality: tuple[tuple[str, str], ...] = ()  # e.g. (("MR", "zscore"),)
+    largest_component: tuple[int, ...] = ()  # labels kept to their largest 26-connected component
 
     @property
     def n_channels(self) -> int:
@@ -97,6 +98,8 @@ def _checked(m: ModelManifest) -> ModelManifest:
         raise ValueError("pad_multiple >= 1 and 0 <= overlap < 1")
     if sorted(l.value for l in m.labels) != list(range(1, len(m.labels) + 1)):
         raise ValueError("label values must be 1..K without gaps (0 is background)")
+    if not set(m.largest_component) <= {l.value for l in m.labels}:
+        raise ValueError("largest_component names a label value the model does not have")
     return m
 
 
@@ -125,6 +128,7 @@ def load_manifest(path: str | Path) -> ModelManifest:
             normalisation_by_modality=tuple(
                 (str(k), str(v)) for k, v in sorted(dict(d.get("normalisation_by_modality", {})).items())
             ),
+            largest_component=tuple(int(v) for v in d.get("largest_component", [])),
         ))
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ModelContractError(f"manifest {p.name} of {p.parent.name}: {exc}") from exc

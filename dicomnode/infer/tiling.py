@@ -303,3 +303,28 @@ def predict_volume(
             norm[s] += weight
     probs = (acc / norm)[crop]
     return np.argmax(probs, axis=0).astype(dtype), probs
+
+
+def keep_largest_components(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+    """``labels`` with each of ``values`` kept to its largest 26-connected component (rest -> 0).
+
+    For organs that are one connected piece (the liver): specks elsewhere in a crop are errors.
+    Works in place on a copy only when something changes; never raises for empty labels.
+    """
+    if not values:
+        return labels
+    from scipy import ndimage as ndi
+
+    out = labels
+    for v in values:
+        mask = labels == v
+        if not mask.any():
+            continue
+        comp, n = ndi.label(mask, np.ones((3, 3, 3), bool))
+        if n <= 1:
+            continue
+        sizes = np.bincount(comp.ravel())[1:]
+        if out is labels:
+            out = labels.copy()
+        out[mask & (comp != 1 + int(np.argmax(sizes)))] = 0
+    return out

@@ -193,3 +193,30 @@ def test_downsampling_is_antialiased_so_noise_averages_out(pointwise) -> None:
     assert abs(float(inner.mean())) < 2.0
     same = Volume(noise[:20, :32, :32], np.diag([3.0, 3.0, 3.0, 1.0]) @ np.eye(4))
     assert tiling.antialias_factors(same, (3.0, 3.0, 3.0)) == (1, 1, 1)
+
+
+def test_keep_largest_components_drops_only_the_smaller_pieces_of_the_named_labels() -> None:
+    lab = np.zeros((10, 12, 12), np.uint8)
+    lab[1:6, 1:6, 1:6] = 1          # the organ
+    lab[8, 10, 10] = 1              # a speck of the same label elsewhere
+    lab[7:9, 1:3, 1:3] = 2          # another label, two pieces, not named
+    lab[1, 10, 10] = 2
+    out = tiling.keep_largest_components(lab, (1,))
+    assert out[8, 10, 10] == 0 and (out == 1).sum() == 125
+    assert np.array_equal(out == 2, lab == 2)
+    assert lab[8, 10, 10] == 1      # the input is not modified
+    diagonal = np.zeros((4, 4, 4), np.uint8); diagonal[0, 0, 0] = diagonal[1, 1, 1] = 1
+    assert np.array_equal(tiling.keep_largest_components(diagonal, (1,)), diagonal)  # 26-connected
+    assert tiling.keep_largest_components(lab, ()) is lab
+
+
+def test_manifest_rejects_largest_component_of_an_unknown_label(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dicomnode.errors import ModelContractError
+    d = json.loads(json.dumps(pointwise_manifest()))
+    d["largest_component"] = [7]
+    (tmp_path / "labels.json").write_text(json.dumps(d))
+    with pytest.raises(ModelContractError, match="largest_component"):
+        load_manifest(tmp_path / "labels.json")
+    d["largest_component"] = [1]
+    (tmp_path / "labels.json").write_text(json.dumps(d))
+    assert load_manifest(tmp_path / "labels.json").largest_component == (1,)
