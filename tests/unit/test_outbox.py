@@ -249,7 +249,9 @@ def test_sender_thread_retries_until_peer_appears(tmp_path: Path, results) -> No
     sender.start()
     try:
         ids = [ob.enqueue(ds, "pacs").id for ds in results]
-        time.sleep(0.8)
+        deadline = time.time() + 15  # a loaded machine may take a while for the first failed attempts
+        while time.time() < deadline and not all(ob.get(i).attempts >= 1 for i in ids):  # type: ignore[union-attr]
+            time.sleep(0.05)
         assert all(ob.get(i).attempts >= 1 and ob.get(i).state == PENDING for i in ids)  # type: ignore[union-attr]
         # now a real SCP appears on the port the entries are waiting for
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
