@@ -44,6 +44,9 @@ VERIFY_RATIO = 2.0
 ONE_SIDED_MIN_ML = 10.0
 ONE_SIDED_MIN_WEIGHT = 0.25
 MAX_POINTS = 60000  # Dice descent subsamples the foreground on a regular lattice above this
+SEARCH_STEP_MM = 20.0  # head-feet search of the start translation (robust to mislabelled anatomies)
+SEARCH_POINTS = 5000  # foreground points the search evaluates (lattice subsample)
+SEARCH_MIN_GAIN = 0.02  # mean Dice the search must gain over the landmark start to replace it
 
 _R1 = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # (z, y, x) -> (z, -x, y)
 _FZ = np.diag([-1.0, 1.0, 1.0])
@@ -362,8 +365,31 @@ def _window_mass(atlas: Atlas, lo_mm: np.ndarray, hi_mm: np.ndarray) -> np.ndarr
     return out
 
 
-def _objective(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray) -> tuple[Any, np.ndarray]:
-    """(loss_grad(a, b) -> (loss, grad (6), mean dice), h): the soft Dice loss of atlas = t0 + (q - h*b)/a."""
+def _z_profiles(atlas: Atlas, lo_mm: np.ndarray, hi_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative atlas mass per class along the head-feet axis inside the [lo, hi] x-y window.
+
+    Returns (z of each atlas slice centre (Z,), cumulative mass (19, Z + 1)); the mass of a z range
+    is a difference of two entries, equal to :func:`_window_mass` with the same x-y window.
+    """
+    nz = int(atlas.shape[0])
+    prof = np.zeros((N_CLASSES, nz))
+    for c in range(N_CLASSES):
+        m, low = atlas.masks[c], atlas.lower[c]
+        pos0 = atlas.origin + low * atlas.spacing
+        a = np.clip(np.ceil((lo_mm - pos0) / atlas.spacing - 1e-9).astype(int), 0, m.shape)
+        b = np.clip(np.floor((hi_mm - pos0) / atlas.spacing + 1e-9).astype(int) + 1, 0, m.shape)
+        if b[1] > a[1] and b[2] > a[2] and m.shape[0] > 0:
+            prof[c, low[0]:low[0] + m.shape[0]] = m[:, a[1]:b[1], a[2]:b[2]].sum(axis=(1, 2))
+    z = atlas.origin[0] + np.arange(nz) * atlas.spacing[0]
+    return z, np.concatenate([np.zeros((N_CLASSES, 1)), np.cumsum(prof, axis=1)], axis=1)
+
+
+def _objective(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray,
+               m_win: np.ndarray | None = None) -> tuple[Any, np.ndarray]:
+    """(loss_grad(a, b) -> (loss, grad (6), mean dice), h): the soft Dice loss of atlas = t0 + (q - h*b)/a.
+
+    ``m_win``: the atlas mass per class in the window t0 +- h, when the caller has it already.
+    """
     q, cls, w = scan.q, scan.cls, scan.w
     n = len(q)
     if n > MAX_POINTS:  # regular lattice subsample, each kept point stands for m^3 voxels
@@ -375,7 +401,8 @@ def _objective(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray) -> tupl
     shape_o = np.abs(o) @ (np.asarray(scan.grid.array.shape) * scan.grid.spacing)
     h = shape_o / 2.0
     vs_va = float(np.prod(scan.grid.spacing)) / atlas.voxel_volume
-    m_win = _window_mass(atlas, t0 - h, t0 + h)
+    if m_win is None:
+        m_win = _window_mass(atlas, t0 - h, t0 + h)
     present = np.bincount(cls, weights=w, minlength=N_CLASSES) > 0
     n_present = max(int(present.sum()), 1)
 
@@ -437,6 +464,57 @@ def descend(loss_grad: Any, x0: np.ndarray, *, step: float = STEP, min_improveme
     return best_x, best_loss, it
 
 
+def _z_search(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray) -> np.ndarray:
+    """The start translation with its head-feet part replaced by the best of a grid search.
+
+    Landmark centres are pulled far off by a few mislabelled anatomies (a model's false positives
+    far from their true place, truncation flags set by stray voxels), and the Dice descent then
+    settles in a local optimum hundreds of mm away. The mean Dice of the whole label map is far
+    less sensitive to such outliers, so it is evaluated at every head-feet position of the atlas
+    (SEARCH_STEP_MM apart, scale 1, on a lattice subsample); the best position replaces the
+    landmark start when it gains at least SEARCH_MIN_GAIN.
+    """
+    n = len(scan.q)
+    m = int(np.ceil((n / SEARCH_POINTS) ** (1 / 3))) if n > SEARCH_POINTS else 1
+    small = scan
+    if m > 1:
+        idx = np.round((scan.q - scan.q.min(axis=0)) / scan.grid.spacing).astype(np.int64)
+        keep = np.all(idx % m == 0, axis=1)
+        small = dataclasses.replace(scan, q=scan.q[keep], cls=scan.cls[keep], w=scan.w[keep] * float(m ** 3))
+
+    h = (np.abs(o) @ (np.asarray(scan.grid.array.shape) * scan.grid.spacing)) / 2.0
+    z, cum = _z_profiles(atlas, t0 - h, t0 + h)
+    qo, cls, w = small.q @ o.T, small.cls, small.w
+    present = np.bincount(cls, weights=w, minlength=N_CLASSES) > 0
+    rho = float(np.prod(scan.grid.spacing)) / atlas.voxel_volume
+    dims = atlas.dims[cls]
+
+    def dice_at(t: np.ndarray) -> float:  # the descent's mean Dice at scale 1, nearest atlas voxel
+        i, j = np.searchsorted(z, t[0] - h[0] - 1e-9), np.searchsorted(z, t[0] + h[0] + 1e-9, side="right")
+        m_win = cum[:, j] - cum[:, i]
+        u = np.rint((t + qo - atlas.origin) / atlas.spacing).astype(np.int64) - atlas.lower[cls] + 1
+        inside = np.all((u >= 0) & (u < dims), axis=1)
+        u = np.clip(u, 0, dims - 1)
+        val = atlas.flat[atlas.offsets[cls] + (u[:, 0] * dims[:, 1] + u[:, 1]) * dims[:, 2] + u[:, 2]] * inside
+        s_c = np.bincount(cls, weights=w, minlength=N_CLASSES)
+        n_c = np.bincount(cls, weights=w * val, minlength=N_CLASSES)
+        den = rho * s_c + m_win
+        dice = np.where(present & (den > 0), 2 * rho * n_c / np.where(den > 0, den, 1.0), 0.0)
+        return float(dice.sum()) / max(int(present.sum()), 1)
+
+    lo = float(atlas.origin[0])
+    hi = lo + float(atlas.shape[0]) * float(atlas.spacing[0])
+    best_t, best = t0, dice_at(t0)
+    start = best
+    for tz in np.arange(lo, hi + SEARCH_STEP_MM, SEARCH_STEP_MM):
+        t = t0.copy()
+        t[0] = tz
+        d = dice_at(t)
+        if d > best:
+            best_t, best = t, d
+    return best_t if best >= start + SEARCH_MIN_GAIN else t0
+
+
 def _descent(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int]:
     """Dice descent of (a, b): atlas = t0 + (q - h*b)/a. Returns (scale, translation, dice, iterations)."""
     loss_grad, h = _objective(scan, atlas, o, t0)
@@ -482,7 +560,7 @@ def register(anatomy: Volume, atlas: Atlas, *, probabilities: np.ndarray | None 
         k_s, f_s, m_rot, m_z, reason, verified = 0, False, 0.0, 0.0, "orientation search disabled", False
         k, flip = 0, False
     o = orientation_matrix(k, flip)
-    t0 = costs[(k, flip)][0]
+    t0 = _z_search(scan, atlas, o, costs[(k, flip)][0])
     scale, translation, dice, iters = _descent(scan, atlas, o, t0)
     # residual: weighted RMS over anatomies whose centre is reliable on all axes
     x = (scan.com @ o.T) * scale + translation
