@@ -81,3 +81,14 @@ def test_anatomy19_left_right_on_real_ct(shared_data: Path) -> None:
         assert (pred == left).sum() > 50 and (pred == right).sum() > 50
         assert col(left) > col(right)
     assert (pred == 15).sum() > 500 and col(15) < pred.shape[2] / 2  # liver on the patient's right
+
+
+def test_liver_on_real_ct(shared_data: Path) -> None:
+    """The liver model on a crop around the reference liver of the real example CT (held out:
+    training saw phantoms and example_mr's label map only). docs/models.md has the figure."""
+    from inference.evaluate import eval_liver
+    r = eval_liver(_model("liver"))["example_ct"]
+    assert r["dice"] >= MIN_LIVER_DICE, r
+
+
+MIN_LIVER_DICE = 0.78  # measured 0.83 (step 500); the goal of issue 5 is 0.93

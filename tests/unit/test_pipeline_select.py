@@ -13,6 +13,7 @@ from dicomnode.pipeline_select import (
     SeriesFacts,
     check_model_repository,
     pipeline_models,
+    region_model_pairs,
     required_models,
     select_pipeline,
 )
@@ -136,6 +137,7 @@ def test_embedded_default_config_pipelines() -> None:
     ct = select_pipeline(cfg.pipelines, SeriesFacts("CT", "ABDOMEN", ""))
     mr = select_pipeline(cfg.pipelines, SeriesFacts("MR", "ABDOMEN", ""))
     assert ct is not None and {"body", "anatomy19"} <= set(ct.models) and ct.regions
+    assert ("liver", "liver") in region_model_pairs(ct)  # the liver model runs on the liver crop
     assert mr is not None and mr.models[0] == "body" and "anatomy19" not in mr.models
     head = select_pipeline(cfg.pipelines, SeriesFacts("MR", "HEAD", ""))
     assert head is not None and head.models[0] == "body"
