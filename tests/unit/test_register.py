@@ -212,3 +212,27 @@ def test_oblique_grid_is_resampled_onto_the_frame(atlas):
     assert set(np.unique(grid.array)) <= set(np.unique(vol.array))
     r = register(tilted, atlas)
     assert r.verified and not r.reoriented, r.reason
+
+
+def test_mislabelled_anatomies_do_not_drag_the_registration_away(atlas):
+    """A model's false positives (a 'brain', 'skull', 'heart' and 'sternum' blob inside an abdomen,
+    stray voxels of every real anatomy at both ends of the scan) pull the landmark start far off; the head-feet
+    search by the whole map's Dice brings the fit back to where the clean labels put it."""
+    from dicomnode.anatomy.register import _orientation_costs, _scan_points, coverage_weights
+
+    clean = _phantom(77, fov="abdomen")
+    ref = register(clean, atlas)
+    arr = np.asarray(clean.array).copy()
+    z, y, x = arr.shape
+    for name, (cz, cy, cx) in (("brain", (z // 2, y // 2, x // 3)), ("skull", (z // 3, y // 2, 2 * x // 3)),
+                               ("heart", (2 * z // 3, y // 3, x // 2)), ("sternum", (z // 4, y // 4, x // 2))):
+        arr[cz - 4:cz + 4, cy - 4:cy + 4, cx - 4:cx + 4] = CLASS_INDEX[name]
+    for i, c in enumerate(np.unique(np.asarray(clean.array))[1:]):  # stray pairs of every real class at both
+        col = 2 + 3 * i                                            # ends: each looks cut by the scan's border
+        arr[[0, 0, -1, -1], 2, [col, col + 1, col, col + 1]] = c
+    noisy = clean.with_array(arr)
+    scan = _scan_points(noisy, None)
+    start = _orientation_costs(scan, atlas, coverage_weights(scan.mass, atlas))[(0, False)][0]
+    assert abs(start[0] - ref.translation[0]) > 40  # the premise: the landmark start is far off
+    reg = register(noisy, atlas)
+    assert abs(reg.translation[0] - ref.translation[0]) < 20, (reg.translation, ref.translation)
