@@ -17,6 +17,7 @@ results go) comes in a :class:`PipelineContext`; the node (``worker.py``) and th
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
@@ -33,7 +34,7 @@ from dicomnode.errors import SeriesError, TransientError
 from dicomnode.ops.logs import series_key
 from dicomnode.pipeline_select import SeriesFacts, region_model_pairs, select_pipeline
 from dicomnode.store.records import Job
-from dicomnode.volume import Volume
+from dicomnode.volume import Volume, to_source_grid
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,8 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
                         predictions.append((models_for[name], paste_back(pred, volume)))
         # 7. results: SEG (one segment per label, mapped back onto the source frames) + SR
         with timer("results"), ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
-            preds = [p for _, p in predictions]
+            # every prediction mapped onto the source frames once, for the SEG and the measurements
+            preds = [dataclasses.replace(p, labels=to_source_grid(p.labels), probabilities=None) for _, p in predictions]
             measuring = pool.submit(measure_predictions, preds, source)  # volumes + mean HU, alongside the SEG
             seg = build_seg(headers, preds, cfg.results)
             measured = measuring.result()

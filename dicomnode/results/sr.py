@@ -120,19 +120,49 @@ def measure_predictions(predictions: Sequence[Prediction], image: Volume) -> tup
     out: list[SegmentMeasurement] = []
     number = 0
     img = np.asarray(image.array)
+    want_mean = image.modality == "CT"
+    voxel_ml = abs(float(np.linalg.det(image.affine[:3, :3]))) / 1000.0
     for pred in predictions:
         grid = to_source_grid(pred.labels)
         if not grid.same_grid(image):
             grid = resample(grid, image.affine, image.shape, order=0)
-        arr = np.asarray(grid.array)
-        voxel_ml = abs(float(np.linalg.det(image.affine[:3, :3]))) / 1000.0
-        for label in sorted(pred.manifest.labels, key=lambda l: l.value):
+        labels = sorted(pred.manifest.labels, key=lambda l: l.value)
+        counts, sums = label_sums(np.asarray(grid.array), img, max(l.value for l in labels) + 1, want_mean)
+        for label in labels:
             number += 1
-            mask = arr == label.value
-            count = int(np.count_nonzero(mask))
-            mean = float(img[mask].mean()) if (count and image.modality == "CT") else None
+            count = int(counts[label.value])
+            mean = float(sums[label.value] / count) if (count and want_mean) else None
             out.append(SegmentMeasurement(number, count * voxel_ml, mean))
     return tuple(out)
+
+
+def label_sums(labels: np.ndarray, image: np.ndarray, n: int, with_sums: bool,
+               slab: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel count and image sum (float64) of each label value 1..n-1 (index 0 stays 0), in one pass.
+
+    Slab by slab, so the float64 weights never cost more than ``slab`` slices of memory; values
+    outside 0..n-1 are not counted. Raises ValueError when the shapes differ.
+    """
+    if labels.shape != image.shape:
+        raise ValueError(f"labels {labels.shape} and image {image.shape} differ")
+    counts = np.zeros(n, np.int64)
+    sums = np.zeros(n, np.float64)
+    for z in range(0, labels.shape[0], slab):
+        lab = labels[z:z + slab].ravel()
+        if lab.dtype.kind not in "iu":
+            lab = np.rint(lab).astype(np.int64)
+        if n == 2:  # one label (body, liver): a mask is cheaper than bincount over every voxel
+            mask = lab == 1
+            counts[1] += int(np.count_nonzero(mask))
+            if with_sums:
+                sums[1] += float(image[z:z + slab].ravel()[mask].sum(dtype=np.float64))
+            continue
+        nz = np.flatnonzero((lab > 0) & (lab < n))  # background is most of a volume: skip it
+        lab_nz = lab[nz]
+        counts[1:] += np.bincount(lab_nz, minlength=n)[1:n]
+        if with_sums:
+            sums[1:] += np.bincount(lab_nz, weights=image[z:z + slab].ravel()[nz], minlength=n)[1:n]
+    return counts, sums
 
 
 def _box_faces(corners: Sequence[Sequence[float]]) -> list[np.ndarray]:

@@ -117,3 +117,21 @@ def test_invalid_input(case) -> None:
         build_sr(src, None, ReportFindings(segments=(SegmentMeasurement(1, 1.0),)), CFG)
     with pytest.raises(ValueError, match="nothing"):
         build_sr(src, None, ReportFindings(), CFG)
+
+
+def test_label_sums_equal_masking_each_label() -> None:
+    from dicomnode.results.sr import label_sums
+    rng = np.random.default_rng(5)
+    lab = rng.integers(0, 6, (37, 20, 24)).astype(np.uint8)
+    lab[lab == 5] = 9  # a value the manifest does not name: not counted
+    img = rng.normal(40, 300, lab.shape).astype(np.float32)
+    counts, sums = label_sums(lab, img, 6, True, slab=4)
+    for v in range(1, 6):
+        m = lab == v
+        assert counts[v] == m.sum() and np.isclose(sums[v], img[m].astype(np.float64).sum())
+    one = (lab == 2).astype(np.uint8)
+    c1, s1 = label_sums(one, img, 2, True, slab=5)
+    assert c1[1] == counts[2] and np.isclose(s1[1], sums[2])
+    assert label_sums(one, img, 2, False)[1][1] == 0.0
+    with pytest.raises(ValueError):
+        label_sums(one[:3], img, 2, True)
