@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("body", "anatomy19", "liver")
 TS_LIVER = 5
-MIN_LIVER_DICE = 0.65  # measured 0.75 through the node (docs/benchmarks.md)
+MIN_LIVER_DICE = 0.8  # measured 0.864 through the node (liver step 3000; docs/benchmarks.md)
 
 
 def _walk(ds: Any, keyword: str) -> list[str]:
