@@ -8,7 +8,6 @@ Used by :mod:`dicomnode.anatomy.register`; nothing here raises for valid inputs.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,16 +70,33 @@ def _sample(atlas: Atlas, cls: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, n
     return val, grad
 
 
+def _box_bounds(atlas: Atlas, c: int, lo_mm: np.ndarray, hi_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index range [a, b) of class ``c``'s atlas box whose voxel centres lie inside [lo_mm, hi_mm]."""
+    m, low = atlas.masks[c], atlas.lower[c]
+    pos0 = atlas.origin + low * atlas.spacing
+    a = np.clip(np.ceil((lo_mm - pos0) / atlas.spacing - 1e-9).astype(int), 0, m.shape)
+    b = np.clip(np.floor((hi_mm - pos0) / atlas.spacing + 1e-9).astype(int) + 1, 0, m.shape)
+    return a, b
+
+
+def _lattice(scan: _Scan, max_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, cls, w) of ``scan``, subsampled on a regular lattice above ``max_points`` points; each kept
+    point then stands for m^3 voxels (its weight times m^3)."""
+    q, cls, w = scan.q, scan.cls, scan.w
+    if len(q) <= max_points:
+        return q, cls, w
+    m = int(np.ceil((len(q) / max_points) ** (1 / 3)))
+    idx = np.round((q - q.min(axis=0)) / scan.grid.spacing).astype(np.int64)
+    keep = np.all(idx % m == 0, axis=1)
+    return q[keep], cls[keep], w[keep] * float(m ** 3)
+
+
 def _window_mass(atlas: Atlas, lo_mm: np.ndarray, hi_mm: np.ndarray) -> np.ndarray:
     """Atlas mass (voxel units) of each class with voxel centres inside [lo_mm, hi_mm]."""
     out = np.zeros(N_CLASSES)
     for c in range(N_CLASSES):
-        m, low = atlas.masks[c], atlas.lower[c]
-        pos0 = atlas.origin + low * atlas.spacing
-        a = np.ceil((lo_mm - pos0) / atlas.spacing - 1e-9).astype(int)
-        b = np.floor((hi_mm - pos0) / atlas.spacing + 1e-9).astype(int) + 1
-        a = np.clip(a, 0, m.shape)
-        b = np.clip(b, 0, m.shape)
+        m = atlas.masks[c]
+        a, b = _box_bounds(atlas, c, lo_mm, hi_mm)
         if np.all(b > a):
             out[c] = float(m[a[0]:b[0], a[1]:b[1], a[2]:b[2]].sum())
     return out
@@ -96,34 +112,21 @@ def _z_profiles(atlas: Atlas, lo_mm: np.ndarray, hi_mm: np.ndarray) -> tuple[np.
     prof = np.zeros((N_CLASSES, nz))
     for c in range(N_CLASSES):
         m, low = atlas.masks[c], atlas.lower[c]
-        pos0 = atlas.origin + low * atlas.spacing
-        a = np.clip(np.ceil((lo_mm - pos0) / atlas.spacing - 1e-9).astype(int), 0, m.shape)
-        b = np.clip(np.floor((hi_mm - pos0) / atlas.spacing + 1e-9).astype(int) + 1, 0, m.shape)
+        a, b = _box_bounds(atlas, c, lo_mm, hi_mm)
         if b[1] > a[1] and b[2] > a[2] and m.shape[0] > 0:
             prof[c, low[0]:low[0] + m.shape[0]] = m[:, a[1]:b[1], a[2]:b[2]].sum(axis=(1, 2))
     z = atlas.origin[0] + np.arange(nz) * atlas.spacing[0]
     return z, np.concatenate([np.zeros((N_CLASSES, 1)), np.cumsum(prof, axis=1)], axis=1)
 
 
-def _objective(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray,
-               m_win: np.ndarray | None = None) -> tuple[Any, np.ndarray]:
-    """(loss_grad(a, b) -> (loss, grad (6), mean dice), h): the soft Dice loss of atlas = t0 + (q - h*b)/a.
-
-    ``m_win``: the atlas mass per class in the window t0 +- h, when the caller has it already.
-    """
-    q, cls, w = scan.q, scan.cls, scan.w
-    n = len(q)
-    if n > MAX_POINTS:  # regular lattice subsample, each kept point stands for m^3 voxels
-        m = int(np.ceil((n / MAX_POINTS) ** (1 / 3)))
-        idx = np.round((q - q.min(axis=0)) / scan.grid.spacing).astype(np.int64)
-        keep = np.all(idx % m == 0, axis=1)
-        q, cls, w = q[keep], cls[keep], w[keep] * float(m ** 3)
+def _objective(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray) -> tuple[Any, np.ndarray]:
+    """(loss_grad(a, b) -> (loss, grad (6), mean dice), h): the soft Dice loss of atlas = t0 + (q - h*b)/a."""
+    q, cls, w = _lattice(scan, MAX_POINTS)
     qo = q @ o.T
     shape_o = np.abs(o) @ (np.asarray(scan.grid.array.shape) * scan.grid.spacing)
     h = shape_o / 2.0
     vs_va = float(np.prod(scan.grid.spacing)) / atlas.voxel_volume
-    if m_win is None:
-        m_win = _window_mass(atlas, t0 - h, t0 + h)
+    m_win = _window_mass(atlas, t0 - h, t0 + h)
     present = np.bincount(cls, weights=w, minlength=N_CLASSES) > 0
     n_present = max(int(present.sum()), 1)
 
@@ -195,17 +198,10 @@ def _z_search(scan: _Scan, atlas: Atlas, o: np.ndarray, t0: np.ndarray) -> np.nd
     (SEARCH_STEP_MM apart, scale 1, on a lattice subsample); the best position replaces the
     landmark start when it gains at least SEARCH_MIN_GAIN.
     """
-    n = len(scan.q)
-    m = int(np.ceil((n / SEARCH_POINTS) ** (1 / 3))) if n > SEARCH_POINTS else 1
-    small = scan
-    if m > 1:
-        idx = np.round((scan.q - scan.q.min(axis=0)) / scan.grid.spacing).astype(np.int64)
-        keep = np.all(idx % m == 0, axis=1)
-        small = dataclasses.replace(scan, q=scan.q[keep], cls=scan.cls[keep], w=scan.w[keep] * float(m ** 3))
-
+    q, cls, w = _lattice(scan, SEARCH_POINTS)
+    qo = q @ o.T
     h = (np.abs(o) @ (np.asarray(scan.grid.array.shape) * scan.grid.spacing)) / 2.0
     z, cum = _z_profiles(atlas, t0 - h, t0 + h)
-    qo, cls, w = small.q @ o.T, small.cls, small.w
     present = np.bincount(cls, weights=w, minlength=N_CLASSES) > 0
     rho = float(np.prod(scan.grid.spacing)) / atlas.voxel_volume
     dims = atlas.dims[cls]
