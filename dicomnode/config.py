@@ -149,6 +149,9 @@ class AnatomyConfig:
     """CTARR registration and orientation handling."""
 
     correct_orientation: bool = True  # process in the anatomically correct orientation
+    # decide the orientation from anatomy19 run on the 8 turns of the scan (anatomy/turns.py; 8 model
+    # runs); false: one run, the header orientation is trusted and reported as not verified
+    check_orientation: bool = True
     regions_dir: str = "config/regions"
     atlas_file: str = "config/atlas/atlas19.npz"
 

@@ -146,6 +146,10 @@ class InferenceService:
         """See ``InferenceClient.segment_native``."""
         return self._ready().segment_native(volume, model)
 
+    def manifest(self, model: str) -> Any:
+        """See ``InferenceClient.manifest``."""
+        return self._ready().manifest(model)
+
 
 class SpoolSource:
     """A job's instance files: the database's instance rows, resolved in the spool."""

@@ -171,6 +171,16 @@ class StageTimer:
             if take is not None:
                 self.compute.append((stage, float(take())))
 
+    def split(self, stage: str, part: str, seconds: float) -> None:
+        """Move ``seconds`` of the last ``stage`` record into a new ``part`` record (work done
+        inside one timed call that belongs to another stage, e.g. the fits of the turns)."""
+        for i in range(len(self.timings) - 1, -1, -1):
+            if self.timings[i][0] == stage:
+                moved = min(max(0.0, seconds), self.timings[i][1])
+                self.timings[i] = (stage, self.timings[i][1] - moved)
+                self.timings.append((part, moved))
+                return
+
 
 #: Type 2 patient/study attributes highdicom copies from the source into SEG and SR by attribute
 #: access; scanners and PACS do omit them, which must not fail the job.
@@ -213,7 +223,8 @@ def _findings(summary: SeriesSummary, measured: Any, grid: Volume) -> Any:
         segments=tuple(measured),
         regions=tuple(RegionBox.from_voxel_box(r.name, r.lower, r.upper, grid.affine) for r in summary.regions),
         orientation=OrientationFinding(bool(o.get("matches_header", True)), int(o.get("rotation_k", 0)),
-                                       bool(o.get("z_flip", False))) if o.get("checked") else None,
+                                       bool(o.get("z_flip", False)), bool(o.get("verified", False)))
+        if o.get("checked") else None,
         qc=tuple(QcFinding(str(k), bool(v)) for k, v in summary.qc.items() if isinstance(v, bool)),
         models=tuple(ModelUsed(m, v) for m, v in summary.model_versions.items()),
     )
@@ -247,6 +258,40 @@ def _orientation_code(volume: Volume) -> str:
 
 
 # ---- the flow ------------------------------------------------------------------------------------
+
+def _anatomy_and_registration(ctx: PipelineContext, cfg: Config, volume: Volume,
+                              timer: StageTimer) -> tuple[Any, Any]:
+    """(CTARR Registration or None when no anatomy was found, anatomy19 Prediction at 3 mm).
+
+    With ``anatomy.check_orientation`` the model runs on the 8 turns of the scan and the best atlas
+    fit decides the orientation (anatomy/turns.py); otherwise it runs once and the header
+    orientation is kept, reported as not verified. Raises what the inference client raises.
+    """
+    from dicomnode.anatomy.register import register
+    from dicomnode.anatomy.turns import orientation_by_turns
+    from dicomnode.infer import tiling
+    from dicomnode.infer.models import Prediction
+
+    manifest = ctx.client.manifest("anatomy19")
+    if cfg.anatomy.check_orientation:
+        with timer("infer:anatomy19"):  # 8 runs, plus the fixed-orientation fits that score them
+            try:
+                found = orientation_by_turns(volume, lambda v: ctx.client.segment_native(v, "anatomy19").labels,
+                                             ctx.atlas, prepare=lambda v: tiling.to_model_grid(v, manifest))
+            except ValueError:
+                return None, ctx.client.segment_native(volume, "anatomy19")
+        timer.split("infer:anatomy19", "register", found.seconds_fit)
+        return found.registration, Prediction(labels=found.labels, manifest=manifest)
+    with timer("infer:anatomy19"):
+        anatomy = ctx.client.segment_native(volume, "anatomy19")
+    with timer("register"):
+        try:
+            reg = register(anatomy.labels, ctx.atlas, orientation=(0, False))
+        except ValueError:
+            return None, anatomy
+    return dataclasses.replace(reg, reason="orientation check off (anatomy.check_orientation): header kept",
+                               method="header"), anatomy
+
 
 def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
     """Run the configured pipeline on ``job``'s series and deliver SEG + SR; never raises.
@@ -288,19 +333,16 @@ def run_series(job: Job, ctx: PipelineContext) -> JobOutcome:
         reg = anatomy = None
         if "anatomy19" in pipeline.models:
             from dicomnode.anatomy import qc as anatomy_qc
-            from dicomnode.anatomy.register import apply_orientation, register
+            from dicomnode.anatomy.register import apply_orientation
 
-            with timer("infer:anatomy19"):
-                anatomy = ctx.client.segment_native(volume, "anatomy19")
+            reg, anatomy = _anatomy_and_registration(ctx, cfg, volume, timer)
             predictions.append(("anatomy19", anatomy))  # stays at 3 mm; build_seg maps it onto the source
-            with timer("register"):
-                try:
-                    reg = register(anatomy.labels, ctx.atlas)
-                except ValueError:  # none of the 19 anatomies: no registration, no regions
-                    qc["anatomy_found"] = False
-            if reg is not None:
+            if reg is None:  # none of the 19 anatomies: no registration, no regions
+                qc["anatomy_found"] = False
+            else:
                 orientation = {
-                    "checked": True, "verified": bool(reg.verified), "reason": str(reg.reason),
+                    "checked": cfg.anatomy.check_orientation, "method": reg.method,
+                    "verified": bool(reg.verified), "reason": str(reg.reason),
                     "rotation_k": int(reg.rotation_k), "z_flip": bool(reg.z_flip),
                     "matches_header": not reg.reoriented, "corrected": False,
                     "scale": [round(float(v), 4) for v in reg.scale],

@@ -76,6 +76,7 @@ class Registration:
     paper_rule: bool = False
     suggested: tuple[int, bool] = (0, False)
     agreement: float | None = None  # share of the anatomy supporting a verified ``suggested`` (agreement.py)
+    method: str = "landmarks"  # how the orientation was decided: landmarks (this module) or turns (turns.py)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -110,7 +111,7 @@ class Registration:
         """JSON-serialisable summary (orientation + transform)."""
         return {
             "orientation": {"rotation_quarter_turns": int(self.rotation_k), "z_flipped": bool(self.z_flip),
-                            "verified": bool(self.verified), "reason": self.reason,
+                            "verified": bool(self.verified), "reason": self.reason, "method": self.method,
                             "rotation_margin_mm": round(self.rotation_margin_mm, 2),
                             "flip_margin_mm": round(self.flip_margin_mm, 2), "paper_rule": bool(self.paper_rule),
                             "agreement": None if self.agreement is None else round(float(self.agreement), 3),
@@ -300,11 +301,13 @@ def _decide(costs: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray, np.ndarr
 
 # ---- public ----------------------------------------------------------------------------------
 def register(anatomy: Volume, atlas: Atlas, *, probabilities: np.ndarray | None = None,
-             orientation_search: bool = True) -> Registration:
+             orientation_search: bool = True, orientation: tuple[int, bool] | None = None) -> Registration:
     """Register an anatomy label Volume (CTARR classes 0..19) to ``atlas``.
 
     ``probabilities`` (optional, (20 or 19, *anatomy.shape)) makes landmarks and Dice soft.
-    ``orientation_search=False`` keeps the header orientation (used when building the atlas).
+    ``orientation_search=False`` keeps the header orientation (used when building the atlas);
+    ``orientation=(k, z_flip)`` fits the transform in that orientation without searching (the
+    orientation was decided elsewhere, e.g. by turns.py; ``verified`` is False, the caller says).
     Raises ValueError when the segmentation holds none of the 19 anatomies.
     """
     scan = _scan_points(anatomy, probabilities)
@@ -314,7 +317,12 @@ def register(anatomy: Volume, atlas: Atlas, *, probabilities: np.ndarray | None 
     paper_rule = int(np.sum(wc > 0.25)) > 3
     costs = _orientation_costs(scan, atlas, wc)
     agree: float | None = None
-    if orientation_search:
+    if orientation is not None:
+        k_s, f_s = int(orientation[0]) % 4, bool(orientation[1])
+        m_rot = m_z = 0.0
+        reason, verified = "orientation given", False
+        k, flip = k_s, f_s
+    elif orientation_search:
         k_s, f_s, m_rot, m_z, reason, verified = _decide(costs)
         if verified:  # the margin alone is not enough: most of the anatomy must support it (agreement.py)
             o_s = orientation_matrix(k_s, f_s)

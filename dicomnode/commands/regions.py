@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -75,11 +75,25 @@ def _anatomy_labels(path: Path, class_map: str | None) -> Volume:
     return v.with_array(np.where((arr >= 0) & (arr <= N_CLASSES), arr, 0).astype(np.int16))
 
 
+class _Anatomy19(NamedTuple):
+    segment: Callable[[Volume], Volume]
+    prepare: Callable[[Volume], Volume]
+
+    def locate(self, volume: Volume, atlas: Any) -> Any:
+        """The node's orientation decision (anatomy/turns.py): a TurnFinding. Raises ValueError
+        when no turn shows any of the 19 anatomies."""
+        from dicomnode.anatomy.turns import orientation_by_turns
+
+        return orientation_by_turns(volume, self.segment, atlas, prepare=self.prepare)
+
+
 @contextlib.contextmanager
-def _anatomy_model(cfg: Any, triton_url: str | None = None) -> Iterator[Callable[[Volume], Volume]]:
-    """Yields ``segment(volume) -> anatomy19 labels`` on the model's canonical 3 mm grid; a ``local``
-    url starts the project's Triton for the duration. Raises TransientError or ModelContractError.
+def _anatomy_model(cfg: Any, triton_url: str | None = None) -> Iterator["_Anatomy19"]:
+    """Yields the anatomy19 model (``segment(volume)`` -> labels on its canonical 3 mm grid, and
+    ``prepare(volume)`` -> the volume on that grid); a ``local`` url starts the project's Triton for
+    the duration. Raises TransientError or ModelContractError.
     """
+    from dicomnode.infer import tiling
     from dicomnode.infer.client import InferenceClient
     from dicomnode.infer.server import LocalTriton
 
@@ -93,7 +107,9 @@ def _anatomy_model(cfg: Any, triton_url: str | None = None) -> Iterator[Callable
             url = t.url
         client = stack.enter_context(InferenceClient.from_config(t, url))
         client.check_contract(["anatomy19"])
-        yield lambda volume: client.segment_native(volume, "anatomy19").labels
+        manifest = client.manifest("anatomy19")
+        yield _Anatomy19(lambda volume: client.segment_native(volume, "anatomy19").labels,
+                         lambda volume: tiling.to_model_grid(volume, manifest))
 
 
 def _axes_of(path: Path) -> tuple[str, bool]:
@@ -120,17 +136,15 @@ def run_locate(args: argparse.Namespace) -> int:
         regions = {k: regions[k] for k in args.regions}
     src = Path(args.input)
     volume = _read(src)
-    t0 = time.perf_counter()
     if args.labels:
         anatomy = _anatomy_labels(Path(args.labels), args.class_map)
-    else:
-        with _anatomy_model(cfg, args.triton) as segment:
-            t0 = time.perf_counter()  # inference only, without the server start
-            anatomy = segment(volume)
-    t_inf = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    reg = register(anatomy, atlas)
-    t_reg = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        reg = register(anatomy, atlas)
+        t_inf, t_reg = 0.0, time.perf_counter() - t1
+    else:  # the model on the 8 turns of the scan decides the orientation, as in the node
+        with _anatomy_model(cfg, args.triton) as model:
+            found = model.locate(volume, atlas)
+        anatomy, reg, t_inf, t_reg = found.labels, found.registration, found.seconds_model, found.seconds_fit
     t2 = time.perf_counter()
     axes, reverse = _axes_of(src)
     out_regions: dict[str, Any] = {}
@@ -191,6 +205,7 @@ def _mask_from(path: Path, labels: list[str], class_map: str | None) -> Volume:
 def run_learn(args: argparse.Namespace) -> int:
     """Learn a region and write its JSON."""
     from dicomnode.anatomy.regions import learn_region, save_region
+    from dicomnode.anatomy.register import register
 
     cfg = _config(args)
     atlas = load_atlas(Path(args.atlas) if args.atlas else cfg.resource(cfg.anatomy.atlas_file))
@@ -200,9 +215,15 @@ def run_learn(args: argparse.Namespace) -> int:
         return 2
     pairs: list[tuple[Volume, Volume]] = []
     with contextlib.ExitStack() as stack:
-        segment = None if args.anatomy or not sources else stack.enter_context(_anatomy_model(cfg, args.triton))
+        model = None if args.anatomy or not sources else stack.enter_context(_anatomy_model(cfg, args.triton))
+        registrations: list[Any] | None = None if model is None else []
         for a, m in zip(sources, args.masks):
-            anatomy = _anatomy_labels(Path(a), args.class_map) if segment is None else segment(_read(Path(a)))
+            if model is None:
+                anatomy = _anatomy_labels(Path(a), args.class_map)
+            else:  # orientation decided as in the node (turns); the header is kept when undecided
+                found = model.locate(_read(Path(a)), atlas)
+                anatomy = found.labels
+                registrations.append(found.registration)  # type: ignore[union-attr]
             pairs.append((anatomy, _mask_from(Path(m), args.mask_labels, args.class_map)))
     if args.phantoms:
         from dicomnode.commands.atlas import _phantom_maps
@@ -213,6 +234,8 @@ def run_learn(args: argparse.Namespace) -> int:
             return 2
         for v in _phantom_maps(args.phantoms, seed0=args.phantom_seed):
             pairs.append((v, v.with_array(np.isin(v.array, ids).astype(np.uint8))))
+            if registrations is not None:
+                registrations.append(register(v, atlas))
     if not pairs:
         print("error: nothing to learn from", file=sys.stderr)
         return 2
@@ -223,7 +246,7 @@ def run_learn(args: argparse.Namespace) -> int:
         desc.append(f"{args.phantoms} phantoms (seeds {args.phantom_seed}..{args.phantom_seed + args.phantoms - 1}, "
                     f"classes {'+'.join(args.phantom_classes)})")
     region, heat = learn_region(pairs, atlas, args.name, threshold=args.threshold, margin_mm=args.margin,
-                                learned_from="; ".join(desc))
+                                learned_from="; ".join(desc), registrations=registrations)
     out = Path(args.out_dir) if args.out_dir else (Path(args.regions_dir) if args.regions_dir
                                                    else cfg.resource(cfg.anatomy.regions_dir))
     path = save_region(region, out)

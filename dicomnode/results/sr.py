@@ -11,7 +11,8 @@ Content (all findings come in one frozen :class:`ReportFindings`):
 
 Only standard codes are used (SNOMED CT, DCM, UCUM, UMLS); findings that have no standard code
 (orientation, QC, quarantine reason) are TEXT "Qualitative Evaluations" items in a fixed
-machine-readable form, e.g. ``orientation: header=inconsistent rotation_deg=180 z_flip=yes``.
+machine-readable form, e.g. ``orientation: header=inconsistent rotation_deg=180 z_flip=yes``
+(``header=unverified`` when the anatomy could not decide and the header orientation was kept).
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ class OrientationFinding:
     header_matches_anatomy: bool
     rotation_k: int = 0  # quarter turns in the axial plane
     z_flip: bool = False
+    verified: bool = True  # False: the anatomy could not decide; the header orientation was kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,8 @@ def processing_texts(findings: ReportFindings) -> list[str]:
     texts = []
     o = findings.orientation
     if o is not None:
-        texts.append(f"orientation: header={'consistent' if o.header_matches_anatomy else 'inconsistent'} "
+        header = "unverified" if not o.verified else "consistent" if o.header_matches_anatomy else "inconsistent"
+        texts.append(f"orientation: header={header} "
                      f"rotation_deg={(o.rotation_k % 4) * 90} z_flip={'yes' if o.z_flip else 'no'}")
     for q in findings.qc:
         texts.append(f"qc: {_safe(q.name)}={'passed' if q.passed else 'failed'}")

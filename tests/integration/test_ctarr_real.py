@@ -193,57 +193,119 @@ def anatomy_client(request):
 
 
 def test_orientation_with_the_anatomy19_model(atlas, ts, anatomy_client):
-    """example_ct with the model's segmentation: the 8 configurations found, or honestly undecided."""
+    """example_ct through Triton, as the node decides (turns.py): every configuration found and verified."""
+    from dicomnode.anatomy.turns import orientation_by_turns
+    from dicomnode.infer import tiling
+
     ct = read_nifti(ts / "example_ct.nii.gz")
-    wrong = []
-    for k, flip in CONFIGS:
+    manifest = anatomy_client.manifest("anatomy19")
+    outcomes = []
+    for k, flip in [(0, False), (2, False), (3, True)]:  # 3 of 8 here (24 model runs); all 8 in process below
         moved = _rot(ct, k, flip)
-        anatomy = anatomy_client.segment_native(moved, "anatomy19").labels
-        reg = register(anatomy, atlas)
-        if reg.verified:
-            fixed = apply_orientation(moved, reg)
-            if not _same_up_to_turn(fixed, ct, moved):
-                wrong.append((k, flip, reg.rotation_k, reg.z_flip))
-    assert not wrong, f"verified but wrong: {wrong}"
+        found = orientation_by_turns(moved, lambda v: anatomy_client.segment_native(v, "anatomy19").labels, atlas,
+                                     prepare=lambda v: tiling.to_model_grid(v, manifest))
+        reg = found.registration
+        right = _same_up_to_turn(apply_orientation(moved, reg), ct, moved)
+        outcomes.append((k, flip, reg.verified, right, round(found.rotation_ratio, 2), round(found.flip_ratio, 2)))
+    assert all(v and r for _, _, v, r, _, _ in outcomes), outcomes
 
 
 from tests.triton_fixture import triton_repo, triton_server  # noqa: E402,F401  (fixtures for the model tests)
 
 
+_SESSION: list = []
+_MEMO: dict[bytes, np.ndarray] = {}
+
+
 def _anatomy_in_process(volume: Volume) -> Volume:
     """anatomy19 run with onnxruntime in this process, prepared exactly as the node prepares it
-    (``InferenceClient.segment_native`` without the server): labels on the model's 3 mm grid."""
+    (``InferenceClient.segment_native`` without the server): labels on the model's 3 mm grid.
+    Memoised by the model input's content (the turns of turned arrays repeat)."""
+    import hashlib
+
     import onnxruntime as ort
 
     from dicomnode.infer import tiling
     from dicomnode.infer.models import load_manifest
 
     m = load_manifest(ANATOMY_MODEL / "labels.json")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(ANATOMY_MODEL / "1" / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    if not _SESSION:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        _SESSION.append(ort.InferenceSession(str(ANATOMY_MODEL / "1" / "model.onnx"), so,
+                                             providers=["CPUExecutionProvider"]))
+    sess = _SESSION[0]
     grid = tiling.to_model_grid(volume, m)
-    labels, _ = tiling.predict_volume(tiling.normalise(grid.array, m, volume.modality), m,
-                                      lambda xb: sess.run(None, {m.input_name: xb})[0])
-    return grid.with_array(labels.astype(np.int16))
+    x = np.ascontiguousarray(tiling.normalise(grid.array, m, volume.modality), np.float32)
+    key = hashlib.sha1(x.tobytes() + repr(x.shape).encode()).digest()
+    if key not in _MEMO:
+        labels, _ = tiling.predict_volume(x, m, lambda xb: sess.run(None, {m.input_name: xb})[0])
+        _MEMO[key] = tiling.keep_largest_components(labels, m.largest_component).astype(np.int16)
+    return grid.with_array(_MEMO[key])
 
 
 @pytest.mark.skipif(not (ANATOMY_MODEL / "1" / "model.onnx").exists(), reason="no anatomy19 model exported yet")
-@pytest.mark.parametrize("image", ["example_ct.nii.gz", "example_ct_sm.nii.gz"])
-def test_model_output_never_claims_a_wrong_orientation(atlas, ts, image):
-    """The model's own segmentation, all 8 configurations: right, or honestly undecided - never wrong.
+@pytest.mark.parametrize("image", ["example_ct.nii.gz", "example_ct_sm.nii.gz", "cta_aorta/ct_cropped.nii.gz"])
+def test_model_output_orientation_all_eight_configurations(atlas, ts, image):
+    """The node's decision from the model (turns.py), all 8 configurations: found and verified.
 
-    With the 2650-step export (mean Dice 0.34) the margin rule alone claimed the header of example_ct_sm
-    flipped back as verified-correct (0/8 right, 1/8 wrong); the agreement rule (agreement.py) refuses it.
+    The model alone (one run, landmark search) made wrong verified claims - 3 of 24 with the
+    step-4450 weights, whose labels follow image position on turned arrays; the single run is
+    kept below as the reason for the turns. Never wrong is the hard rule; all 8 found is the goal
+    (issue 6) that the shipped model reaches on these scans (benchmarks/ctarr_orientation.py).
     """
+    from dicomnode.anatomy.turns import orientation_by_turns
+    from dicomnode.infer import tiling
+    from dicomnode.infer.models import load_manifest
+
+    m = load_manifest(ANATOMY_MODEL / "labels.json")
     ct = read_nifti(ts / image)
-    wrong = []
+    wrong, undecided = [], []
     for k, flip in CONFIGS:
         moved = _rot(ct, k, flip)
-        reg = register(_anatomy_in_process(moved), atlas)
-        if reg.verified and not _same_up_to_turn(apply_orientation(moved, reg), ct, moved):
-            wrong.append((k, flip, reg.rotation_k, reg.z_flip, reg.agreement))
+        found = orientation_by_turns(moved, _anatomy_in_process, atlas, prepare=lambda v: tiling.to_model_grid(v, m))
+        reg = found.registration
+        if not reg.verified:
+            undecided.append((k, flip, reg.reason))
+        elif not _same_up_to_turn(apply_orientation(moved, reg), ct, moved):
+            wrong.append((k, flip, reg.rotation_k, reg.z_flip))
     assert not wrong, f"verified but wrong: {wrong}"
+    assert not undecided, f"not decided: {undecided}"
+
+
+def _labeller(ref: Volume, *, follows: str):
+    """A stand-in anatomy model answering with ``ref``'s labels at each voxel it is given, looked up
+    either where the voxel's pixel came from (``header``: follows the content, like a perfectly
+    rotation-consistent model) or where the volume's affine says it is (``position``: the worst
+    case of a model that names anatomies by where they sit in the image)."""
+    from dicomnode.volume import resample
+
+    def segment(v: Volume) -> Volume:
+        aff = v.header_affine if follows == "header" else v.affine
+        return v.with_array(np.asarray(resample(ref, aff, v.shape, order=0).array).astype(np.int16))
+    return segment
+
+
+def test_turns_decide_with_a_content_following_model_and_refuse_a_position_labeller(atlas, ts, class_map):
+    """turns.py on example_ct_sm (30 slices): a model whose labels follow the content finds every
+    configuration; one whose labels follow the image position gets "cannot tell", never a claim."""
+    from dicomnode.anatomy.turns import orientation_by_turns
+    from dicomnode.infer import tiling
+    from dicomnode.infer.models import load_manifest
+
+    m = load_manifest(ROOT / "triton_models" / "anatomy19" / "labels.json")
+    ct = read_nifti(ts / "example_ct_sm.nii.gz")
+    _, ref = _labels(ts / "example_seg.nii.gz", class_map)
+    for k, flip in [(0, False), (1, True), (2, False), (3, True)]:
+        moved, moved_ref = _rot(ct, k, flip), _rot(ref, k, flip)
+        prepare = lambda v: tiling.to_model_grid(v, m)  # noqa: E731
+        good = orientation_by_turns(moved, _labeller(moved_ref, follows="header"), atlas, prepare=prepare)
+        assert good.registration.verified, good.registration.reason
+        assert _same_up_to_turn(apply_orientation(moved, good.registration), ct, moved), (k, flip)
+        assert good.rotation_ratio > 1.25 and good.flip_ratio > 1.25
+        bad = orientation_by_turns(moved, _labeller(ref, follows="position"), atlas, prepare=prepare)
+        assert not bad.registration.verified, (k, flip, bad.dice)
+        assert not bad.registration.reoriented  # header kept
 
 
 def test_regions_learn_command_on_the_real_labels(ts, tmp_path):
@@ -325,3 +387,29 @@ def test_locate_on_a_dicom_series_at_finer_resolution(ts, tmp_path):
     for name, labels in ids.items():
         box = doc["regions"][name]["union"]
         assert box_voxels_inside(np.isin(ref, labels), box["lower"], box["upper"]) >= 0.99, name
+
+
+def test_locate_with_the_model_finds_a_turned_scan(ts, tmp_path, anatomy_client, request):
+    """`dicomnode regions locate` without --labels runs anatomy19 on Triton the way the node does
+    (8 turns): example_ct_sm turned 180 degrees under its header is found turned, verified, and the
+    liver box (mapped into the turned array) holds the reference liver."""
+    from dicomnode.series.convert import write_nifti
+
+    server = request.getfixturevalue("triton_server")
+    ct = read_nifti(ts / "example_ct_sm.nii.gz")
+    turned = _rot(ct, 2, False)
+    write_nifti(turned, tmp_path / "turned.nii.gz")
+    out = subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", "regions", "--triton", server.http_url.removeprefix("http://"),
+         "locate", str(tmp_path / "turned.nii.gz"), "--regions", "liver", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    o = doc["orientation"]
+    assert o["verified"] and o["method"] == "turns" and o["rotation_quarter_turns"] == 2 and not o["z_flipped"], o
+    assert doc["input"]["anatomy_source"] == "anatomy19 (Triton)" and doc["seconds"]["inference"] > 0
+    raw = read_nifti(ts / "example_seg.nii.gz", modality="SEG")
+    liver = _rot(raw.with_array((np.asarray(raw.array) == 5).astype(np.uint8)), 2, False)
+    box = doc["regions"]["liver"]["union"]
+    lo, hi = box["lower"][::-1], box["upper"][::-1]  # NIfTI (i, j, k) -> array (slice, row, column)
+    assert box_voxels_inside(np.asarray(liver.array) > 0, lo, hi) >= 0.99

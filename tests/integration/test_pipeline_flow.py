@@ -3,8 +3,8 @@
 This checks the pipeline's own logic - CTARR registration on the anatomy, orientation check and
 correction, region crops on the real boxes, region model on the crop, paste back, SEG + SR on
 the source frames, summary - independently of how good the trained models are. The segmenter
-here answers with TotalSegmentator's reference labels for the pixels it is given (looked up by
-source instance, so it follows the *content*, not the header); the real Triton path is tested
+here answers with TotalSegmentator's reference labels for the pixels it is given (looked up in
+the source instance each came from, so it follows the *content*, not the header); the real Triton path is tested
 end to end in tests/e2e (the only place a fake peer is allowed: where the real one is also tested).
 
 The second case corrupts the header: slice positions reversed, so the anatomy is upside down
@@ -45,10 +45,9 @@ CONFIG = {
 class ReferenceSegmenter:
     """Answers like ``InferenceClient`` with the reference labels of the pixels it is given.
 
-    Each axial slice it receives is found among the source slices *by its pixel content* (at the
-    in-plane offset its affine implies), so the answer follows the anatomy whatever the header or
-    the pipeline's reorientation says. Volumes must keep axial slices with the source's in-plane
-    axes (true for the canonical volume, its crops and a z-flip correction).
+    Each voxel it receives is looked up in the source instance it came from (through the headers'
+    coordinates), so the answer follows the anatomy whatever the header or the pipeline's
+    reorientation says - also for the 8 turns of the orientation check.
     """
 
     def __init__(self, manifests: dict[str, Any], by_sop: dict[str, dict[str, np.ndarray]], files: list[Path]) -> None:
@@ -62,18 +61,15 @@ class ReferenceSegmenter:
                            for m, t in by_sop.items()}
         self.calls: list[tuple[str, tuple[int, int, int]]] = []
 
-    def _by_content(self, volume: Volume, model: str) -> np.ndarray:
-        d = volume.affine[:3, 3] - self.src_affine[:3, 3]
-        r0 = int(round(float(d @ self.src_affine[:3, 1]) / float(np.sum(self.src_affine[:3, 1] ** 2))))
-        c0 = int(round(float(d @ self.src_affine[:3, 2]) / float(np.sum(self.src_affine[:3, 2] ** 2))))
-        _, rows, cols = volume.shape
-        keys = {self.src_image[s, r0:r0 + rows, c0:c0 + cols].tobytes(): s for s in range(self.src_image.shape[0])}
-        arr = np.asarray(volume.array).astype(self.src_image.dtype)
-        out = np.zeros(volume.shape, dtype=np.int16)
-        for j in range(volume.shape[0]):
-            s = keys[np.ascontiguousarray(arr[j]).tobytes()]  # KeyError: not a source slice at that offset
-            out[j] = self.src_labels[model][s, r0:r0 + rows, c0:c0 + cols]
-        return out
+    def _by_position(self, volume: Volume, model: str) -> np.ndarray:
+        """The reference labels at ``volume``'s voxels, found through the headers' coordinates
+        (``header_affine``): a voxel of a turned or corrected volume is looked up where its pixel
+        came from, so the answer follows the content like a perfectly rotation-consistent model."""
+        ref = Volume(self.src_labels[model], self.src_affine)
+        return np.asarray(resample(ref, volume.header_affine, volume.shape, order=0, cval=0).array).astype(np.int16)
+
+    def manifest(self, model: str) -> Any:
+        return self.manifests[model]
 
     def segment_native(self, volume: Volume, model: str) -> Prediction:
         m = self.manifests[model]
@@ -81,16 +77,14 @@ class ReferenceSegmenter:
         self.calls.append((model, grid.shape))
         if model == "body":
             return Prediction(grid.with_array((np.asarray(grid.array) > -500).astype(np.int16)), m)
-        on_input = volume.with_array(self._by_content(volume, model))
-        labels = resample(on_input, grid.affine, grid.shape, order=0)
-        return Prediction(grid.with_array(np.asarray(labels.array).astype(np.int16)), m)
+        return Prediction(grid.with_array(self._by_position(grid, model)), m)
 
     def segment(self, volume: Volume, model: str) -> Prediction:
         self.calls.append((model, volume.shape))
         if model == "body":
             labels = (np.asarray(volume.array) > -500).astype(np.int16)
         else:
-            labels = self._by_content(volume, model)
+            labels = self._by_position(volume, model)
         return Prediction(volume.with_array(labels), self.manifests[model])
 
 

@@ -10,7 +10,7 @@ from dicomnode.infer.models import Code, Prediction
 from dicomnode.results.seg import build_seg
 from dicomnode.results.sr import (
     ModelUsed, OrientationFinding, QcFinding, RegionBox, ReportFindings, SegmentMeasurement, build_sr,
-    measure_predictions,
+    measure_predictions, processing_texts,
 )
 from tests.dicom_synth import ellipsoid, make_series, manifest, source_volume
 
@@ -89,6 +89,8 @@ def test_report_content(case) -> None:
     assert np.allclose(pts.min(0), np.minimum(lo, hi), atol=1e-3) and np.allclose(pts.max(0), np.maximum(lo, hi), atol=1e-3)
     texts = [i.TextValue for i in items if _name(i) == "Qualitative Evaluations"]
     assert "orientation: header=inconsistent rotation_deg=180 z_flip=yes" in texts
+    undecided = ReportFindings(segments=(), orientation=OrientationFinding(True, verified=False))
+    assert processing_texts(undecided) == ["orientation: header=unverified rotation_deg=0 z_flip=no"]
     assert "qc: body_coverage=passed" in texts and "qc: hu_range=failed" in texts
     algos = {(i.TextValue) for i in items if _name(i) == "Algorithm Version"}
     assert algos == {"3"}
