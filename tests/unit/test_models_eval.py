@@ -68,10 +68,9 @@ def test_body_on_mr_is_plausible(shared_data: Path) -> None:
     assert 0.1 < (pred == 1).mean() < 0.9
 
 
-@pytest.mark.xfail(
-    reason="known gap (issue 5 open): anatomy19 after 2650 synthetic steps finds no kidney voxels on the "
-    "real example_ct (kidney Dice 0.0, mean 0.34; docs/models.md)", strict=False)
 def test_anatomy19_left_right_on_real_ct(shared_data: Path) -> None:
+    """Kidneys and lungs found on both sides of the real example_ct, each on its own side, and the
+    liver on the patient's right (the step-2650 export found no kidney at all; step 4450 does)."""
     from inference import realdata
     model = _model("anatomy19")
     s = realdata.load_scan("example_ct")
@@ -81,6 +80,18 @@ def test_anatomy19_left_right_on_real_ct(shared_data: Path) -> None:
         assert (pred == left).sum() > 50 and (pred == right).sum() > 50
         assert col(left) > col(right)
     assert (pred == 15).sum() > 500 and col(15) < pred.shape[2] / 2  # liver on the patient's right
+
+
+def test_anatomy19_on_real_ct(shared_data: Path) -> None:
+    """Mean Dice over the 19 classes present in the real example_ct (held out: training saw
+    phantoms and example_mr's label map). docs/models.md has the per-class figures."""
+    from inference.evaluate import eval_anatomy
+    r = eval_anatomy(_model("anatomy19"))["example_ct"]
+    assert r["mean"] >= MIN_ANATOMY19_MEAN_DICE, r
+    assert r["per_class"]["liver"] >= 0.8, r
+
+
+MIN_ANATOMY19_MEAN_DICE = 0.38  # measured 0.42 (step 4450); the goal of issue 5 is 0.85
 
 
 def test_liver_on_real_ct(shared_data: Path) -> None:
