@@ -65,11 +65,20 @@ DICOMNODE = VENV_BIN / "dicomnode"
 
 # ---- small utilities ---------------------------------------------------------------------
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that is free right now and was not handed out before in this
+    process (picking ports one at a time can otherwise return the same port twice in a row)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh free port found")
 
 
 def have_tool(name: str) -> bool:

@@ -15,6 +15,7 @@ Only the python backend exists in the wheel: every model is a python-backend ``m
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,10 +44,16 @@ REQUIREMENTS = PROJECT_ROOT / "deploy" / "triton-requirements.txt"
 SERVER_DIRNAME = "dicomnode-tritonserver"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1: all sockets are held open together while picking
+    (picking one at a time can hand out the same port twice - seen: HTTP and gRPC on one port)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 def _venv_python(venv_dir: Path) -> Path:
@@ -149,9 +156,11 @@ class LocalTriton:
     ) -> None:
         self.models_dir = Path(models_dir).resolve()
         self.venv_dir = Path(venv_dir).resolve()
-        self.http_port = http_port or _free_port()
-        self.grpc_port = grpc_port or _free_port()
-        self.metrics_port = metrics_port or _free_port()
+        taken = {http_port, grpc_port, metrics_port} - {0}
+        spare = iter(p for p in _free_ports(6) if p not in taken)
+        self.http_port = http_port or next(spare)
+        self.grpc_port = grpc_port or next(spare)
+        self.metrics_port = metrics_port or next(spare)
         self.ready_timeout_s = ready_timeout_s
         self.log_verbose = log_verbose
         self._own_log = log_path is None
