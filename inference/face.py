@@ -18,6 +18,12 @@ DEPTH_MM = 50.0
 BROW_MM = 80.0
 MARGIN_MM = 9.0
 MODES = ("deface", "reface", "blur")
+# Anonymisation happens at the scanner's resolution and the node resamples to 3 mm afterwards, so
+# the cut has the same partial-volume softness as any natural edge. Anonymising on the 3 mm grid
+# alone gives razor-sharp cuts, and a model trained only on those keys on the sharpness: defaced at
+# 0.88 mm and resampled, the held-out head got Dice 0.00 (0.84 defaced at 3 mm). A light blur of
+# the whole anonymised image (sigma 0.4-0.9 voxel) stands in for that resampling.
+PARTIAL_VOLUME_P = 0.7
 
 
 def head_mask(img: np.ndarray) -> np.ndarray:
@@ -49,19 +55,23 @@ def face_region(head: np.ndarray, spacing: float, depth_mm: float = DEPTH_MM, br
     return out
 
 
-def anonymise(img: np.ndarray, region: np.ndarray, rng: np.random.Generator, mode: str | None = None) -> np.ndarray:
-    """``img`` with ``region`` altered by ``mode`` (random when None). Raises ValueError for an unknown mode."""
+def anonymise(img: np.ndarray, region: np.ndarray, rng: np.random.Generator, mode: str | None = None,
+              spacing: float = 3.0) -> np.ndarray:
+    """``img`` with ``region`` altered by ``mode`` (random when None); ``spacing`` is the voxel size
+    in mm, so the reface/blur kernels are the same in mm at any resolution (reface 12-21 mm, blur
+    6-12 mm). Raises ValueError for an unknown mode."""
     mode = mode or str(rng.choice(MODES))
     out = img.astype(np.float32).copy()
     if not region.any():
         return out
+    per_mm = 3.0 / spacing  # the kernels below are in 3 mm voxels
     if mode == "deface":
         out[region] = float(np.percentile(img, 1))
     elif mode == "reface":
-        smooth = ndi.gaussian_filter(out, rng.uniform(4, 7))
+        smooth = ndi.gaussian_filter(out, rng.uniform(4, 7) * per_mm)
         out[region] = smooth[region] * rng.uniform(0.6, 1.0)
     elif mode == "blur":
-        out[region] = ndi.gaussian_filter(out, rng.uniform(2, 4))[region]
+        out[region] = ndi.gaussian_filter(out, rng.uniform(2, 4) * per_mm)[region]
     else:
         raise ValueError(f"unknown anonymisation mode {mode!r}")
     return out
@@ -116,6 +126,8 @@ class FacePool:
         if rng.random() < intact_p:  # an intact face is not an altered area (else it learns where faces are)
             region = np.zeros_like(region)
         out = anonymise(img, region, rng)
+        if rng.random() < PARTIAL_VOLUME_P:  # anonymised at the acquisition resolution, then resampled
+            out = ndi.gaussian_filter(out, rng.uniform(0.4, 0.9))
         pts = np.argwhere(region) if region.any() and rng.random() < 0.7 else np.argwhere(head)
         c = pts[rng.integers(len(pts))] if len(pts) else np.array(out.shape) // 2
         fill = float(np.percentile(out, 1))

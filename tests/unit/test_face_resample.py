@@ -35,3 +35,27 @@ def test_resample_head_matches_the_node_grid() -> None:
     n_plain = ndi.zoom(noise, 0.3, order=1).std()  # decimation without the block mean
     assert abs(n_mine / n_node - 1) < 0.25
     assert n_plain > 3 * n_mine
+
+
+def test_anonymise_kernels_are_in_mm_at_any_resolution() -> None:
+    """Blurring a region of a 1 mm image and of the same image at 3 mm alters it by the same amount
+    in mm: the 3 mm result of blurring at 1 mm then downsampling is close to blurring at 3 mm."""
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    from inference import face
+
+    rng = np.random.default_rng(0)
+    fine = ndi.gaussian_filter(rng.normal(size=(60, 60, 60)).astype(np.float32), 3.0)
+    fine[:, 30:] += 2.0  # an edge for the blur to smear
+    region = np.zeros(fine.shape, bool)
+    region[15:45, 15:45, 15:45] = True
+    coarse, region3 = fine[1::3, 1::3, 1::3], region[1::3, 1::3, 1::3]
+    at_fine = face.anonymise(fine, region, np.random.default_rng(5), "blur", spacing=1.0)[1::3, 1::3, 1::3]
+    at_coarse = face.anonymise(coarse, region3, np.random.default_rng(5), "blur", spacing=3.0)
+    change_fine = np.abs(at_fine - coarse)[region3].mean()
+    change_coarse = np.abs(at_coarse - coarse)[region3].mean()
+    assert 0.6 < change_fine / change_coarse < 1.6, (change_fine, change_coarse)
+    # the old voxel-unit kernel at 1 mm would have blurred 3x less in mm
+    weak = face.anonymise(fine, region, np.random.default_rng(5), "blur", spacing=3.0)[1::3, 1::3, 1::3]
+    assert np.abs(weak - coarse)[region3].mean() < 0.8 * change_fine
