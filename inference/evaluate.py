@@ -146,13 +146,14 @@ def face_head(name: str, spacing: float) -> np.ndarray:
     return resample_head(img, A, spacing)
 
 
-def _native_head(name: str) -> tuple[np.ndarray, float]:
+def _native_head(name: str) -> tuple[np.ndarray, np.ndarray, float]:
     """A real MR head on an isotropic canonical grid at its finest voxel size (the acquisition
-    resolution; thick-slice heads are interpolated along z to it): (image, spacing mm)."""
-    from inference.face import resample_head
+    resolution; thick-slice heads are interpolated along z to it): (image, affine, spacing mm)."""
+    from inference.face import resample_head_grid
     img, A = realdata.load_image(realdata.DATA / "mr_heads" / name)
     iso = float(np.linalg.norm(np.asarray(A, float)[:3, :3], axis=0).min())
-    return resample_head(img, A, iso), iso
+    arr, aff = resample_head_grid(img, A, iso)
+    return arr, aff, iso
 
 
 def eval_face_area(model: Model) -> dict:
@@ -169,8 +170,7 @@ def eval_face_area(model: Model) -> dict:
     res: dict = {}
     sp = model.manifest.spacing_mm[0]
     for name in FACE_HELD_OUT + FACE_TRAINING:
-        native, iso = _native_head(name)
-        a_iso = np.diag([iso, iso, iso, 1.0])
+        native, a_iso, iso = _native_head(name)
         region_n = face.face_region(face.head_mask(native), iso)
         img = face.resample_head(native, a_iso, sp)
         region = face.resample_head(region_n.astype(np.float32), a_iso, sp) > 0.5
