@@ -209,3 +209,18 @@ def test_series_without_a_pipeline_is_quarantined_with_an_sr(ct) -> None:  # typ
     assert sr.StudyInstanceUID == series.study_uid
     values = [str(e.value) for e in sr.iterall() if e.keyword in ("CodeValue", "CodeMeaning", "TextValue")]
     assert any("no_pipeline" in v.lower() for v in values), values
+
+
+def test_orientation_check_off_runs_the_anatomy_model_once(ct) -> None:  # type: ignore[no-untyped-def]
+    """``[anatomy] check_orientation = false``: one anatomy19 run, the header kept and reported as
+    not checked (no orientation finding in the SR); with the check on, the model sees the 8 turns."""
+    tmp, series, by_sop, liver, sops = ct
+    outcome, seg, _ = _run(tmp, list(series.files), by_sop, tmp / "out-nocheck",
+                           {**CONFIG, "anatomy": {"check_orientation": False}})
+    assert outcome.state == "done", (outcome.reason, outcome.detail)
+    o = outcome.summary.to_json()["orientation"]
+    assert not o["checked"] and o["method"] == "header" and not o["verified"] and not o["corrected"], o
+    assert [m for m, _ in seg.calls].count("anatomy19") == 1
+    assert "liver" in {r["name"] for r in outcome.summary.to_json()["regions"]}  # crops still made
+    _, seg_on, _ = _run(tmp, list(series.files), by_sop, tmp / "out-check")
+    assert [m for m, _ in seg_on.calls].count("anatomy19") == 8
