@@ -268,18 +268,18 @@ def _anatomy_and_registration(ctx: PipelineContext, cfg: Config, volume: Volume,
     orientation is kept, reported as not verified. Raises what the inference client raises.
     """
     from dicomnode.anatomy.register import register
-    from dicomnode.anatomy.turns import orientation_by_turns
+    from dicomnode.anatomy.turns import NoAnatomyError, orientation_by_turns
     from dicomnode.infer import tiling
     from dicomnode.infer.models import Prediction
 
-    manifest = ctx.client.manifest("anatomy19")
     if cfg.anatomy.check_orientation:
+        manifest = ctx.client.manifest("anatomy19")
         with timer("infer:anatomy19"):  # 8 runs, plus the fixed-orientation fits that score them
             try:
                 found = orientation_by_turns(volume, lambda v: ctx.client.segment_native(v, "anatomy19").labels,
                                              ctx.atlas, prepare=lambda v: tiling.to_model_grid(v, manifest))
-            except ValueError:
-                return None, ctx.client.segment_native(volume, "anatomy19")
+            except NoAnatomyError as e:  # the header-orientation labels are still reported
+                return None, Prediction(labels=e.labels, manifest=manifest)
         timer.split("infer:anatomy19", "register", found.seconds_fit)
         return found.registration, Prediction(labels=found.labels, manifest=manifest)
     with timer("infer:anatomy19"):

@@ -146,14 +146,15 @@ def face_head(name: str, spacing: float) -> np.ndarray:
     return resample_head(img, A, spacing)
 
 
-def _native_head(name: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """A real MR head on an isotropic canonical grid at its finest voxel size (the acquisition
-    resolution; thick-slice heads are interpolated along z to it): (image, affine, spacing mm)."""
-    from inference.face import resample_head_grid
+def _native_head(name: str, spacing: float) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """A real MR head read once: (image on an isotropic canonical grid at its finest voxel size - the
+    acquisition resolution; thick-slice heads are interpolated along z to it -, that grid's affine,
+    its voxel size mm, the image at ``spacing`` mm as :func:`face_head` makes it)."""
+    from inference.face import resample_head, resample_head_grid
     img, A = realdata.load_image(realdata.DATA / "mr_heads" / name)
     iso = float(np.linalg.norm(np.asarray(A, float)[:3, :3], axis=0).min())
     arr, aff = resample_head_grid(img, A, iso)
-    return arr, aff, iso
+    return arr, aff, iso, resample_head(img, A, spacing)
 
 
 def eval_face_area(model: Model) -> dict:
@@ -170,11 +171,10 @@ def eval_face_area(model: Model) -> dict:
     res: dict = {}
     sp = model.manifest.spacing_mm[0]
     for name in FACE_HELD_OUT + FACE_TRAINING:
-        native, a_iso, iso = _native_head(name)
+        native, a_iso, iso, img3 = _native_head(name, sp)
         region_n = face.face_region(face.head_mask(native), iso)
         img = face.resample_head(native, a_iso, sp)
         region = face.resample_head(region_n.astype(np.float32), a_iso, sp) > 0.5
-        img3 = face_head(name, sp)
         region3 = face.face_region(face.head_mask(img3), sp)
         per, per3, secs = {}, {}, 0.0
         for i, mode in enumerate(face.MODES):

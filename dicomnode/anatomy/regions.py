@@ -224,10 +224,10 @@ def _merge_boxes(boxes: list[np.ndarray]) -> list[np.ndarray]:
 
 def learn_region(pairs: Sequence[tuple[Volume, Volume]], atlas: Atlas, name: str, *, threshold: float = 0.0,
                  margin_mm: float = DEFAULT_MARGIN_MM, learned_from: str = "",
-                 registrations: Sequence[Registration] | None = None) -> tuple[Region, np.ndarray]:
+                 registrations: Sequence[Registration | None] | None = None) -> tuple[Region, np.ndarray]:
     """Learn a region from (anatomy labels, region mask) pairs: (Region, heatmap in the atlas grid).
 
-    Each anatomy is registered to ``atlas`` (or ``registrations`` are used), its mask moved into the
+    Each anatomy is registered to ``atlas`` (unless ``registrations`` gives it one), its mask moved into the
     atlas frame; the heatmap (mean of the moved masks) is thresholded (> ``threshold``), the bounding
     box of every connected component taken, overlapping boxes merged. Boxes are stored without the
     margin (added on use). Raises ValueError when nothing is left above the threshold.
@@ -238,7 +238,8 @@ def learn_region(pairs: Sequence[tuple[Volume, Volume]], atlas: Atlas, name: str
         raise ValueError("no (anatomy, mask) pairs to learn from")
     heat = np.zeros(atlas.shape, np.float32)
     for i, (anatomy, mask) in enumerate(pairs):
-        reg = registrations[i] if registrations is not None else register(anatomy, atlas)
+        given = registrations[i] if registrations is not None else None
+        reg = given if given is not None else register(anatomy, atlas)
         heat += _move_to_atlas(mask, reg, atlas)
     heat /= len(pairs)
     comp, n = ndimage.label(heat > threshold)

@@ -38,7 +38,7 @@ from dicomnode.anatomy.orientation import _inverse, apply_orientation, correctio
 from dicomnode.anatomy.register import Registration, register
 from dicomnode.volume import Volume
 
-__all__ = ["TURN_RATIO", "TURNS", "TurnFinding", "orientation_by_turns"]
+__all__ = ["TURN_RATIO", "TURNS", "NoAnatomyError", "TurnFinding", "orientation_by_turns"]
 
 TURN_RATIO = 1.25  # the best turn's Dice must beat each competitor's by this factor
 TURNS: tuple[tuple[int, bool], ...] = tuple((k, f) for k in range(4) for f in (False, True))
@@ -65,9 +65,18 @@ class TurnFinding:
 
 def _probe(k: int, flip: bool, volume: Volume) -> Registration:
     """A Registration carrying only an orientation (about ``volume``'s grid centre), for turning."""
-    centre = volume.affine @ np.append((np.asarray(volume.shape, np.float64) - 1) / 2.0, 1.0)
+    centre = volume.index_to_lps((np.asarray(volume.shape, np.float64) - 1) / 2.0)[0]
     return Registration(k, flip, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), 0.0, False, "turn",
-                        centre=tuple(float(v) for v in centre[:3]))  # type: ignore[arg-type]
+                        centre=tuple(float(v) for v in centre))  # type: ignore[arg-type]
+
+
+class NoAnatomyError(ValueError):
+    """No usable anatomy to decide from; ``labels`` is the model's output in the header orientation
+    (so a caller that still reports the segmentation need not run the model again)."""
+
+    def __init__(self, message: str, labels: Volume) -> None:
+        super().__init__(message)
+        self.labels = labels
 
 
 def _ratio(best: float, other: float) -> float:
@@ -81,12 +90,13 @@ def orientation_by_turns(volume: Volume, segment: Callable[[Volume], Volume], at
 
     ``segment(volume) -> anatomy labels Volume`` (CTARR classes 0..19, any grid); ``prepare`` maps
     the volume onto the model's grid once, so the turns are exact permutations of a small array.
-    Raises ValueError when no turn holds any of the 19 anatomies, and whatever ``segment`` raises.
+    Raises NoAnatomyError (a ValueError carrying the header-orientation labels) when the turn it
+    would report holds none of the 19 anatomies, and whatever ``segment`` raises.
     """
     grid = prepare(volume) if prepare is not None else volume
     labels: dict[tuple[int, bool], Volume] = {}
     seen: dict[tuple[int, bool], Volume] = {}  # as the model saw them (turned frame)
-    dice: dict[tuple[int, bool], float] = {}
+    fits: dict[tuple[int, bool], Registration | None] = {}  # each turn's fit in its own orientation
     t_model = t_fit = 0.0
     for k, flip in TURNS:
         probe = _probe(k, flip, grid)
@@ -100,22 +110,19 @@ def orientation_by_turns(volume: Volume, segment: Callable[[Volume], Volume], at
                                       header_transform=grid.header_transform)
         labels[(k, flip)] = lab
         try:
-            dice[(k, flip)] = float(register(lab, atlas, orientation=(k, flip)).dice)
+            fits[(k, flip)] = register(lab, atlas, orientation=(k, flip))
         except ValueError:  # none of the 19 anatomies in this turn
-            dice[(k, flip)] = 0.0
+            fits[(k, flip)] = None
         t_model += t1 - t0
         t_fit += time.perf_counter() - t1
-    if max(dice.values()) <= 0.0:
-        raise ValueError("the anatomy segmentation contains none of the 19 anatomies in any turn")
+    if all(r is None for r in fits.values()):
+        raise NoAnatomyError("the anatomy segmentation contains none of the 19 anatomies in any turn",
+                             labels[(0, False)])
+    dice = {c: 0.0 if r is None else float(r.dice) for c, r in fits.items()}
     best = max(TURNS, key=lambda c: (dice[c], -TURNS.index(c)))
     k_b, f_b = best
     rot_ratio = _ratio(dice[best], max(dice[c] for c in TURNS if c[0] != k_b))
     flip_ratio = _ratio(dice[best], dice[(k_b, not f_b)])
-    t1 = time.perf_counter()
-    final = register(labels[best], atlas, orientation=best)
-    # the landmark search on the chosen turn's labels must not prefer another orientation
-    upright = register(seen[best], atlas)
-    t_fit += time.perf_counter() - t1
     reasons = []
     if rot_ratio < ratio:
         reasons.append(f"axial rotation undecided: the best turn ({k_b * 90} deg) fits the atlas "
@@ -123,18 +130,23 @@ def orientation_by_turns(volume: Volume, segment: Callable[[Volume], Volume], at
     if flip_ratio < ratio:
         reasons.append(f"head-feet direction undecided: x{flip_ratio:.2f} better than the other "
                        f"direction (needs x{ratio:.2f})")
-    if not reasons and upright.suggested != (0, False):
-        reasons.append("the landmarks of the best turn's anatomy prefer another orientation "
-                       f"({upright.suggested[0] * 90} deg, z flip {upright.suggested[1]})")
+    if not reasons:  # the landmark search on the chosen turn's labels must not prefer another orientation
+        t1 = time.perf_counter()
+        upright = register(seen[best], atlas)
+        t_fit += time.perf_counter() - t1
+        if upright.suggested != (0, False):
+            reasons.append("the landmarks of the best turn's anatomy prefer another orientation "
+                           f"({upright.suggested[0] * 90} deg, z flip {upright.suggested[1]})")
     verified = not reasons
+    chosen = best if verified else (0, False)
+    reg = fits[chosen]
+    if reg is None:
+        raise NoAnatomyError("the anatomy segmentation contains none of the 19 anatomies in the header "
+                             "orientation", labels[(0, False)])
     if verified:
-        reason = ("anatomy confirms the orientation" if best == (0, False) else "anatomy disagrees with the header")
-        reg, lab = final, labels[best]
+        reason = "anatomy confirms the orientation" if best == (0, False) else "anatomy disagrees with the header"
     else:
         reason = "; ".join(reasons)
-        lab = labels[(0, False)]
-        reg = final if best == (0, False) else register(lab, atlas, orientation=(0, False))
     reg = dataclasses.replace(reg, verified=verified, reason=reason, method="turns", suggested=best,
                               rotation_margin_mm=0.0, flip_margin_mm=0.0)
-    return TurnFinding(reg, lab, dice, rot_ratio, flip_ratio, t_model, t_fit)
-
+    return TurnFinding(reg, labels[chosen], dice, rot_ratio, flip_ratio, t_model, t_fit)

@@ -205,7 +205,6 @@ def _mask_from(path: Path, labels: list[str], class_map: str | None) -> Volume:
 def run_learn(args: argparse.Namespace) -> int:
     """Learn a region and write its JSON."""
     from dicomnode.anatomy.regions import learn_region, save_region
-    from dicomnode.anatomy.register import register
 
     cfg = _config(args)
     atlas = load_atlas(Path(args.atlas) if args.atlas else cfg.resource(cfg.anatomy.atlas_file))
@@ -235,7 +234,7 @@ def run_learn(args: argparse.Namespace) -> int:
         for v in _phantom_maps(args.phantoms, seed0=args.phantom_seed):
             pairs.append((v, v.with_array(np.isin(v.array, ids).astype(np.uint8))))
             if registrations is not None:
-                registrations.append(register(v, atlas))
+                registrations.append(None)  # learn_region registers the phantom itself
     if not pairs:
         print("error: nothing to learn from", file=sys.stderr)
         return 2

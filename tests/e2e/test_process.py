@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -98,6 +99,24 @@ def test_process_runs_the_mr_pipeline_on_a_real_mr(tmp_path: Path, shared_data: 
     assert pydicom.dcmread(out / "seg.dcm").Modality == "SEG"
 
 
+def _seg_dice(seg_path: Path, series: Any, model: str, reference_nifti: Path) -> float:
+    """Dice of the SEG's segment from ``model`` (its first) against a reference mask NIfTI on the
+    series' source frames, matched frame by frame through the SOP Instance UIDs."""
+    import numpy as np
+
+    from dicomnode.results.reading import read_seg
+    from tests.ct_dicom import reference_on_series
+
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+    reading = read_seg(pydicom.dcmread(seg_path), headers)
+    (number,) = [s.number for s in reading.segments if s.algorithm_name == model]
+    mask = reading.mask(number)
+    row_of = {str(h.SOPInstanceUID): i for i, h in enumerate(headers)}
+    want = reference_on_series(reference_nifti, series) > 0
+    want = want[[row_of[f.sop_instance_uid] for f in reading.grid.source]]
+    return float(2 * np.count_nonzero(mask & want) / (np.count_nonzero(mask) + np.count_nonzero(want)))
+
+
 def test_process_corrects_a_turned_scan_with_the_real_models(tmp_path: Path, shared_data: Path) -> None:
     """example_ct's pixels turned 180 degrees in-plane under the same header: the real anatomy19 on
     its 8 turns finds the turn, the series is processed in the corrected orientation (CTARR liver
@@ -106,10 +125,8 @@ def test_process_corrects_a_turned_scan_with_the_real_models(tmp_path: Path, sha
         pytest.skip("local Triton venv missing (.venv-triton; scripts/setup.sh makes it)")
     import numpy as np
 
-    from dicomnode.results.reading import read_seg
     from dicomnode.series.convert import read_nifti, write_nifti
     from dicomnode.volume import Volume
-    from tests.ct_dicom import reference_on_series
 
     ts = shared_data / "totalsegmentator"
 
@@ -133,14 +150,7 @@ def test_process_corrects_a_turned_scan_with_the_real_models(tmp_path: Path, sha
     o = summary["orientation"]
     assert o["method"] == "turns" and o["verified"] and o["rotation_k"] == 2 and not o["z_flip"], o
     assert o["corrected"] and not o["matches_header"], o
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
-    reading = read_seg(pydicom.dcmread(out / "seg.dcm"), headers)
-    (number,) = [s.number for s in reading.segments if s.label == "liver" and s.algorithm_name == "liver"]
-    mask = reading.mask(number)
-    row_of = {str(h.SOPInstanceUID): i for i, h in enumerate(headers)}
-    want = reference_on_series(tmp_path / "turned_liver.nii.gz", series) > 0
-    want = want[[row_of[f.sop_instance_uid] for f in reading.grid.source]]
-    dice = 2 * np.count_nonzero(mask & want) / (np.count_nonzero(mask) + np.count_nonzero(want))
+    dice = _seg_dice(out / "seg.dcm", series, "liver", tmp_path / "turned_liver.nii.gz")
     print(f"turned 180: liver Dice {dice:.3f}, orientation {o}")
     assert dice >= 0.8, dice  # measured 0.88 on the untouched series (tests/e2e/test_orthanc_roundtrip.py)
     assert "orientation: header=inconsistent rotation_deg=180 z_flip=no" in (out / "sr.dcm").read_bytes().decode("latin-1")
@@ -158,11 +168,9 @@ def test_process_finds_the_defaced_area_of_a_real_mr_head(tmp_path: Path, shared
 
     import numpy as np
 
-    from dicomnode.results.reading import read_seg
     from dicomnode.series.convert import write_nifti
     from dicomnode.volume import Volume
     from inference import face, realdata
-    from tests.ct_dicom import reference_on_series
 
     img, affine = realdata.load_image(shared_data / "mr_heads" / "chris_t1.nii.gz")
     spacing = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
@@ -184,14 +192,7 @@ def test_process_finds_the_defaced_area_of_a_real_mr_head(tmp_path: Path, shared
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pipeline"] == head_pl["name"] and summary["modality"] == "MR"
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
-    reading = read_seg(pydicom.dcmread(out / "seg.dcm"), headers)
-    (number,) = [s.number for s in reading.segments if s.algorithm_name == "face_area"]
-    mask = reading.mask(number)
-    row_of = {str(h.SOPInstanceUID): i for i, h in enumerate(headers)}
-    want = reference_on_series(tmp_path / "region.nii.gz", series) > 0
-    want = want[[row_of[f.sop_instance_uid] for f in reading.grid.source]]
-    dice = 2 * np.count_nonzero(mask & want) / (np.count_nonzero(mask) + np.count_nonzero(want))
+    dice = _seg_dice(out / "seg.dcm", series, "face_area", tmp_path / "region.nii.gz")
     print(f"chris_t1 defaced, through the node: face_area Dice {dice:.3f}")
     assert dice >= MIN_FACE_AREA_NODE_DICE, dice
 
