@@ -59,3 +59,23 @@ def test_anonymise_kernels_are_in_mm_at_any_resolution() -> None:
     # the old voxel-unit kernel at 1 mm would have blurred 3x less in mm
     weak = face.anonymise(fine, region, np.random.default_rng(5), "blur", spacing=3.0)[1::3, 1::3, 1::3]
     assert np.abs(weak - coarse)[region3].mean() < 0.8 * change_fine
+
+
+def test_masked_background_makes_a_defaced_face_look_like_air() -> None:
+    """With the air masked (as on many MR heads), a defaced region holds exactly the air's value:
+    the only cue left is the missing face shape, which is what training with masked air teaches."""
+    from inference import face
+
+    rng = np.random.default_rng(2)
+    img = rng.normal(5.0, 1.0, size=(60, 40, 40)).astype(np.float32)  # noisy air
+    head = np.zeros(img.shape, bool)
+    head[5:55, 10:30, 10:30] = True
+    img[head] += 100.0
+    masked = face.mask_background(img, head, 2)
+    near = ndi.binary_dilation(head, iterations=2)
+    assert np.array_equal(masked[near], img[near])  # the head and 2 voxels of air are kept
+    assert (masked[~near] == img.min()).all()  # the rest is exactly the minimum
+    region = face.face_region(head, 3.0)
+    defaced = face.anonymise(masked, region, rng, "deface")
+    assert region.any() and (defaced[region] == masked[~near][0]).all()
+    assert np.array_equal(face.mask_background(img, head, 0)[head], img[head])
