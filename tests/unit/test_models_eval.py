@@ -112,7 +112,7 @@ def test_face_area_on_the_held_out_real_head(shared_data: Path) -> None:
     r = eval_face_area(_model("face_area"))
     assert r["held_out_mean"] >= MIN_FACE_AREA_HELD_OUT_DICE, r
     held = r["chris_t1"]
-    assert held["intact_predicted_voxels"] < 0.25 * held["region_voxels"], held
+    assert held["intact_predicted_voxels"] < 0.1 * held["region_voxels"], held  # measured 843 of 26639
 
 
-MIN_FACE_AREA_HELD_OUT_DICE = 0.8  # the export rule (docs/models.md); the goal of issue 5 is 0.95
+MIN_FACE_AREA_HELD_OUT_DICE = 0.9  # measured 0.931 (step 6500; export rule 0.8, docs/models.md); the goal of issue 5 is 0.95

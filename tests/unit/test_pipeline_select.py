@@ -140,6 +140,8 @@ def test_embedded_default_config_pipelines() -> None:
     assert ("liver", "liver") in region_model_pairs(ct)  # the liver model runs on the liver crop
     assert mr is not None and mr.models[0] == "body" and "anatomy19" not in mr.models
     head = select_pipeline(cfg.pipelines, SeriesFacts("MR", "HEAD", ""))
-    assert head is not None and head.models[0] == "body"
+    assert head is not None and head.name == "mr-head" and head.models == ("body", "face_area")
+    assert select_pipeline(cfg.pipelines, SeriesFacts("MR", "BRAIN", "")).name == "mr-head"  # type: ignore[union-attr]
+    assert mr.name == "mr-body"  # an MR abdomen does not get the face model
     # the embedded default must start: every model it configures is in the shipped repository
     check_model_repository(cfg, ROOT / "triton_models")
