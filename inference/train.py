@@ -5,7 +5,9 @@ with random zoom, z flips and label omission, synthesised on the fly into CT (or
 (:mod:`inference.synth`); optionally real label maps (:mod:`inference.realdata`, ``--real``).
 Loss: cross-entropy + soft Dice. AdamW, linear warm-up then cosine decay to ``--steps``.
 Checkpoints ``OUT/ckpt.pt`` every ``--ckpt-every`` steps (atomic), log ``OUT/train.log``.
-``--export`` writes ``OUT/model.onnx`` and the Triton model folder (inference.triton_repo).
+``--keep-every N`` also keeps the weights of every Nth step (``OUT/snap-STEP.pt``).
+``--export`` writes ``OUT/model.onnx`` and the Triton model folder (inference.triton_repo);
+with ``--average``, from the mean of the kept snapshots (weight averaging along the run).
 Exit codes: 0 done, 2 bad arguments.
 """
 from __future__ import annotations
@@ -179,23 +181,34 @@ def build_net(spec: ModelSpec) -> UNet3D:
     return UNet3D(spec.in_ch, spec.n_classes, spec.base, spec.stages, stem=spec.stem)
 
 
-def load_net(spec: ModelSpec, out: Path) -> tuple[UNet3D, dict]:
-    """Network with weights from ``out/ckpt.pt``; raises FileNotFoundError when there is none."""
+def load_net(spec: ModelSpec, out: Path, average: bool = False) -> tuple[UNet3D, dict]:
+    """Network with weights from ``out/ckpt.pt``, or with ``average`` the mean of the weights in
+    the snapshots ``out/snap-*.pt`` (written by ``--keep-every``; the checkpoint still supplies
+    the metadata). Raises FileNotFoundError when there is no checkpoint or, with ``average``, no
+    snapshot."""
     ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
     net = build_net(spec)
+    if average:
+        snaps = sorted(out.glob("snap-*.pt"), key=lambda f: int(f.stem.split("-")[1]))
+        if not snaps:
+            raise FileNotFoundError(f"no snapshots snap-*.pt in {out}")
+        states = [torch.load(f, map_location="cpu", weights_only=True) for f in snaps]
+        ck = {**ck, "net": {k: sum(st[k].float() for st in states) / len(states) for k in states[0]},
+              "averaged_steps": [int(f.stem.split("-")[1]) for f in snaps]}
     net.load_state_dict(ck["net"])
     return net.eval(), ck
 
 
-def export(spec: ModelSpec, out: Path, repo: Path | None = None) -> Path:
-    """Export the checkpoint to ONNX and write the Triton model folder; returns the folder."""
+def export(spec: ModelSpec, out: Path, repo: Path | None = None, average: bool = False) -> Path:
+    """Export the checkpoint (``average``: the mean of the snapshots, see :func:`load_net`) to ONNX
+    and write the Triton model folder; returns the folder. Raises FileNotFoundError (no checkpoint)."""
     from inference.triton_repo import PROJECT_REPO, write_model_dir
 
-    net, ck = load_net(spec, out)
-    post = {}
+    net, ck = load_net(spec, out, average)
+    post = {"weights": f"mean of the snapshots at steps {ck['averaged_steps']}"} if "averaged_steps" in ck else {}
     if spec.name == "body":  # the seed's constant-region failure mode, handled in the graph itself
         net = ConstantSuppressed(net).eval()
-        post = {"postprocessing": "voxels with an exactly constant 3x3x3 input neighbourhood (below the window's upper clip) are background"}
+        post["postprocessing"] = "voxels with an exactly constant 3x3x3 input neighbourhood (below the window's upper clip) are background"
     data = export_onnx(net, spec.in_ch, out / "model.onnx")
     info = {"train_steps": int(ck["step"]), "train_seconds": round(float(ck.get("seconds", 0.0))),
             "parameters": n_params(net), "base_filters": spec.base, "stages": spec.stages, "stem": spec.stem,
@@ -220,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patch", type=int, nargs=3, default=None, help="override the training patch (z y x)")
     ap.add_argument("--batch", type=int, default=None, help="override the batch size")
     ap.add_argument("--export", action="store_true", help="export the checkpoint and exit")
+    ap.add_argument("--keep-every", type=int, default=0, help="also keep the weights every N steps as OUT/snap-STEP.pt")
+    ap.add_argument("--average", action="store_true", help="with --export: export the mean of the snap-*.pt weights")
     a = ap.parse_args(argv)
     spec = SPECS[a.model]
     if a.patch or a.batch:
@@ -227,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, a.threads))
     a.out.mkdir(parents=True, exist_ok=True)
     if a.export:
-        print(export(spec, a.out))
+        print(export(spec, a.out, average=a.average))
         return 0
     log = open(a.out / "train.log", "a", encoding="utf-8")
 
@@ -285,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds,
                         "model": spec.name, "data": data_desc}, tmp)
             os.replace(tmp, a.out / "ckpt.pt")
+        if a.keep_every and step % a.keep_every == 0:
+            torch.save(net.state_dict(), a.out / f"snap-{step}.pt")
     (a.out / "done.json").write_text(json.dumps({"step": step, "seconds": round(seconds)}) + "\n")
     say(f"finished at step {step}, {seconds:.0f}s of training")
     return 0

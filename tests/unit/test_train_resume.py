@@ -57,3 +57,25 @@ def test_loss_and_schedule() -> None:
     assert train.seg_loss(perfect, y).item() < 0.01
     assert train.lr_at(0, 100, 1.0) < train.lr_at(49, 100, 1.0) == 1.0
     assert train.lr_at(100, 100, 1.0) == 0.05
+
+
+def test_snapshots_are_kept_and_averaged(tmp_path: Path) -> None:
+    """``--keep-every`` keeps the weights of every Nth step; ``--export --average`` exports their mean."""
+    out = tmp_path / "run"
+    args = ["body", "--out", str(out), "--pool", "1", "--patch", "16", "32", "32", "--batch", "1",
+            "--threads", "1", "--keep-every", "2"]
+    assert train.main(args + ["--steps", "4"]) == 0
+    assert sorted(f.name for f in out.glob("snap-*.pt")) == ["snap-2.pt", "snap-4.pt"]
+    s2, s4 = (torch.load(out / f"snap-{i}.pt", weights_only=True) for i in (2, 4))
+    spec = SPECS["body"]
+    net, ck = train.load_net(spec, out, average=True)
+    assert ck["averaged_steps"] == [2, 4]
+    k = next(k for k in s2 if s2[k].is_floating_point() and not torch.equal(s2[k], s4[k]))
+    torch.testing.assert_close(net.state_dict()[k], (s2[k] + s4[k]) / 2)
+    folder = train.export(spec, out, repo=tmp_path / "repo", average=True)
+    assert "2, 4" in load_manifest(folder / "labels.json").extra["weights"]
+    for f in out.glob("snap-*.pt"):
+        f.unlink()
+    import pytest
+    with pytest.raises(FileNotFoundError):
+        train.load_net(spec, out, average=True)
