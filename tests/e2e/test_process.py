@@ -181,7 +181,8 @@ def test_process_finds_the_defaced_area_of_a_real_mr_head(tmp_path: Path, shared
     series = nifti_to_dicom(tmp_path / "head.nii.gz", tmp_path / "mr", modality="MR", body_part="HEAD",
                             series_description="t1 head")
     default = tomllib.loads((ROOT / "config" / "node.toml").read_text())
-    (head_pl,) = [p for p in default["pipelines"] if "face_area" in p["models"]]
+    (head_pl,) = [p for p in default["pipelines"] if p["name"] == "mr-head"]
+    assert "face_area" in head_pl["models"]
     lines = [f'[node]\ndata_dir = "{tmp_path / "var"}"\n[triton]\nurl = "local"\n[[pipelines]]']
     lines += [f"{k} = {json.dumps(v)}" for k, v in head_pl.items()]
     cfg = tmp_path / "node.toml"

@@ -143,5 +143,8 @@ def test_embedded_default_config_pipelines() -> None:
     assert head is not None and head.name == "mr-head" and head.models == ("body", "face_area")
     assert select_pipeline(cfg.pipelines, SeriesFacts("MR", "BRAIN", "")).name == "mr-head"  # type: ignore[union-attr]
     assert mr.name == "mr-body"  # an MR abdomen does not get the face model
+    unnamed = select_pipeline(cfg.pipelines, SeriesFacts("MR", "", "T1 MPRAGE Brain sag"))
+    assert unnamed is not None and "face_area" in unnamed.models  # no body part: the description decides
+    assert select_pipeline(cfg.pipelines, SeriesFacts("MR", "", "t2 haste liver")).name == "mr-body"  # type: ignore[union-attr]
     # the embedded default must start: every model it configures is in the shipped repository
     check_model_repository(cfg, ROOT / "triton_models")
