@@ -138,18 +138,10 @@ FACE_HELD_OUT = ("chris_t1.nii.gz",)
 FACE_TRAINING = ("brain1_image.nrrd", "brain2_image.nrrd")  # in face_area's training pool (inference.face.FacePool)
 
 
-def face_head(name: str, spacing: float) -> np.ndarray:
-    """A real MR head of ../shared/data/mr_heads on the canonical grid at ``spacing`` mm, resampled
-    as the node does (block mean, then linear: inference.face.resample_head). Raises FileNotFoundError."""
-    from inference.face import resample_head
-    img, A = realdata.load_image(realdata.DATA / "mr_heads" / name)
-    return resample_head(img, A, spacing)
-
-
 def _native_head(name: str, spacing: float) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """A real MR head read once: (image on an isotropic canonical grid at its finest voxel size - the
     acquisition resolution; thick-slice heads are interpolated along z to it -, that grid's affine,
-    its voxel size mm, the image at ``spacing`` mm as :func:`face_head` makes it)."""
+    its voxel size mm, the original image resampled straight to ``spacing`` mm as the node does)."""
     from inference.face import resample_head, resample_head_grid
     img, A = realdata.load_image(realdata.DATA / "mr_heads" / name)
     iso = float(np.linalg.norm(np.asarray(A, float)[:3, :3], axis=0).min())

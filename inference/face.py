@@ -12,8 +12,8 @@ reface and blur reached 0.94-0.96. Every boundary of the slab can be seen in the
 the cut plane, the brow plane, the width of the head behind the face, the edge of the image.
 :func:`anonymise` alters that region in one of the seed paper's modes: "deface" (set to the
 background value), "reface" (a smooth generic surface), "blur" (strong Gaussian blur, as in
-"reface plus"). The face_area model learns where the image was
-altered; its evaluation applies the same procedure to real MR heads it never saw.
+"reface plus"). The face_area model learns where the image was altered; its evaluation applies
+the same procedure to real MR heads it never saw.
 """
 from __future__ import annotations
 
@@ -104,16 +104,13 @@ def anonymise(img: np.ndarray, region: np.ndarray, rng: np.random.Generator, mod
 
 def resample_head_grid(img: np.ndarray, affine: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
     """(image, affine) on the node's canonical grid at isotropic ``spacing`` mm, made by the node's
-    own resampling (``dicomnode.infer.tiling.to_model_grid``: block mean of axes downsampled 2x or
-    more, then linear interpolation on the physical grid). An earlier ``ndi.zoom`` stand-in was
+    own resampling (``dicomnode.infer.tiling.to_spacing_grid``, the body of ``to_model_grid``: block
+    mean of axes downsampled 2x or more, then linear interpolation on the physical grid). An earlier ``ndi.zoom`` stand-in was
     close (correlation 0.96) but not equal, and the model trained on it lost most of the defaced
     area on the node's own grid (Dice 0.84 -> 0.44), so training, evaluation and node share this."""
-    import types
-
-    from dicomnode.infer.tiling import to_model_grid
+    from dicomnode.infer.tiling import to_spacing_grid
     from dicomnode.volume import Volume
-    g = to_model_grid(Volume(np.asarray(img, np.float32), np.asarray(affine, float)),
-                      types.SimpleNamespace(spacing_mm=(spacing, spacing, spacing)))  # type: ignore[arg-type]
+    g = to_spacing_grid(Volume(np.asarray(img, np.float32), np.asarray(affine, float)), (spacing, spacing, spacing))
     return np.asarray(g.array, np.float32), np.asarray(g.affine)
 
 

@@ -189,12 +189,12 @@ def load_net(spec: ModelSpec, out: Path, average: bool = False) -> tuple[UNet3D,
     ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
     net = build_net(spec)
     if average:
-        snaps = sorted(out.glob("snap-*.pt"), key=lambda f: int(f.stem.split("-")[1]))
-        if not snaps:
+        steps = sorted(int(f.stem.split("-")[1]) for f in out.glob("snap-*.pt"))
+        if not steps:
             raise FileNotFoundError(f"no snapshots snap-*.pt in {out}")
-        states = [torch.load(f, map_location="cpu", weights_only=True) for f in snaps]
+        states = [torch.load(out / f"snap-{i}.pt", map_location="cpu", weights_only=True) for i in steps]
         ck = {**ck, "net": {k: sum(st[k].float() for st in states) / len(states) for k in states[0]},
-              "averaged_steps": [int(f.stem.split("-")[1]) for f in snaps]}
+              "averaged_steps": steps}
     net.load_state_dict(ck["net"])
     return net.eval(), ck
 

@@ -158,7 +158,12 @@ def block_mean(array: np.ndarray, affine: np.ndarray, k: tuple[int, int, int]) -
 
 
 def to_model_grid(volume: Volume, manifest: ModelManifest) -> Volume:
-    """``volume`` linearly resampled onto the model's canonical grid (float32).
+    """``volume`` on the model's canonical grid: :func:`to_spacing_grid` at ``manifest.spacing_mm``."""
+    return to_spacing_grid(volume, manifest.spacing_mm)
+
+
+def to_spacing_grid(volume: Volume, spacing: tuple[float, float, float]) -> Volume:
+    """``volume`` linearly resampled onto the canonical grid at ``spacing`` mm (float32).
 
     Each source voxel covers +-0.5 voxel around its centre: grid points within that extent get
     (edge-clamped) linear interpolation, so edge slices survive rounding; points outside it (the
@@ -168,14 +173,14 @@ def to_model_grid(volume: Volume, manifest: ModelManifest) -> Volume:
     """
     from scipy import ndimage
 
-    aff, shape = canonical_grid(volume, manifest.spacing_mm)
+    aff, shape = canonical_grid(volume, spacing)
     fill = float(np.min(volume.array)) if volume.array.size else 0.0
     fast = exact_regrid(np.asarray(volume.array), volume.affine, aff, shape, fill)
     if fast is not None:
         return dataclasses.replace(volume, array=fast.astype(np.float32, copy=False), affine=aff)
     src = np.ascontiguousarray(volume.array)  # no float copy of a large int16 CT: output is float32
     src_affine = volume.affine
-    k = antialias_factors(volume, manifest.spacing_mm)
+    k = antialias_factors(volume, spacing)
     if max(k) > 1:
         src, src_affine = block_mean(src, src_affine, k)
     m = np.linalg.inv(src_affine) @ aff

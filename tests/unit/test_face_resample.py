@@ -40,9 +40,6 @@ def test_resample_head_matches_the_node_grid() -> None:
 def test_anonymise_kernels_are_in_mm_at_any_resolution() -> None:
     """Blurring a region of a 1 mm image and of the same image at 3 mm alters it by the same amount
     in mm: the 3 mm result of blurring at 1 mm then downsampling is close to blurring at 3 mm."""
-    import numpy as np
-    from scipy import ndimage as ndi
-
     from inference import face
 
     rng = np.random.default_rng(0)
