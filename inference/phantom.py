@@ -123,6 +123,31 @@ def _tube(p0: tuple[float, float, float], p1: tuple[float, float, float], rad: f
     return fn, (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0])
 
 
+
+def _ilium(s: int, Wl: float, Z: Callable[[float], float], spine_y: Callable, U: Callable) -> Fn:
+    """Iliac wing of side ``s`` (+1 left): in each axial slice a curved plate from the sacroiliac
+    joint (behind, beside the sacrum) bowing out laterally to the anterior rim, which runs from
+    the anterior superior spine at the crest down to the acetabulum; thicker towards the bottom."""
+    zc, za = Z(U(715, 745)), Z(878)
+    sy = float(spine_y(np.array(Z(772))))
+    asis = (U(115, 135) * Wl, U(-55, -30) * Wl)
+    bow = U(0.25, 0.45)
+    k = np.linspace(0.0, 1.0, 24)
+
+    def fn(z, y, x):
+        t = np.clip((z - zc) / (za - zc), 0, 1)[..., None]          # (nz,1,1,1) crest -> acetabulum
+        px0, py0 = 48 * Wl + 6 * t, sy + 30 - 20 * t                 # sacroiliac joint
+        px1 = asis[0] + (95 * Wl - asis[0]) * t                      # anterior rim
+        py1 = asis[1] + (-8 * Wl - asis[1]) * t
+        qx = px1 + 10 * Wl; qy = py0 + bow * (py1 - py0)            # control point: lateral bowing
+        bx = (1 - k) ** 2 * px0 + 2 * k * (1 - k) * qx + k ** 2 * px1
+        by = (1 - k) ** 2 * py0 + 2 * k * (1 - k) * qy + k ** 2 * py1
+        d2 = ((s * x)[..., None] - bx) ** 2 + (y[..., None] - by) ** 2
+        th = 5.0 + 9.0 * t[..., 0] + 8.0 * np.exp(-((s * x - 48 * Wl) / 20.0) ** 2)  # half thickness (mm)
+        return (d2.min(-1) <= th ** 2) & (z >= zc) & (z <= za)
+    return fn
+
+
 def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
     """Return (labels int16 (z, y, x), affine 4x4 index->LPS) of a random phantom; see module doc.
 
@@ -240,7 +265,7 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
                  L["muscle"])
     fn, bx = _tube((0, 30, Z(830)), (0, 5, Z(930)), 16.0)  # rectum
     cv.paint(bx, fn, L["bowel"])
-    fb = U(0.5, 1.45)
+    fb = U(0.55, 1.7)
     fn, bx = _ellipsoid((U(-10, 10), -48 * Wl, Z(885) - 10 * fb), (42 * fb * Wl, 36 * fb * Wl, 30 * fb))
     cv.paint(bx, fn, L["urinary_bladder"])
     # stomach (with gas cap) and liver
@@ -353,15 +378,15 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
              lambda z, y, x: (np.abs(x) < np.where(z < Z(380), 25, 15)) & (y < -ay(z) + 26 * Wl) & (y > -ay(z) + 12 * Wl),
              L["sternum"])
     # sacrum, hips, femurs
+    sac_len, sac_tilt = Z(U(95, 125)), U(45, 80)  # the sacrum curves back: S1 in front, tip behind
+
     def sacrum(z, y, x):
-        t = np.clip((z - Z(772)) / Z(110), 0, 1)
-        yc = spine_y(np.array(Z(772))) + 40 * t
-        return (z >= Z(772)) & (z < Z(885)) & ((x / (52 - 38 * t)) ** 2 + ((y - yc) / 16) ** 2 <= 1)
-    cv.paint((Z(770), Z(890), -100, 200, -80, 80), sacrum, L["sacrum"])
+        t = np.clip((z - Z(772)) / sac_len, 0, 1)
+        yc = spine_y(np.array(Z(772))) + sac_tilt * t ** 1.3
+        return (z >= Z(772)) & (z < Z(772) + sac_len) & ((x / (55 - 42 * t)) ** 2 + ((y - yc) / (22 - 10 * t)) ** 2 <= 1)
+    cv.paint((Z(770), Z(900), -100, 250, -80, 80), sacrum, L["sacrum"])
     for s, name in ((1, "left_hip"), (-1, "right_hip")):
-        fn, bx = _ellipsoid((s * 62 * Wl, 25 * Wl, Z(815)), (78 * Wl, 48 * Wl, Z(62)), s * 0.35)
-        fi, _ = _ellipsoid((s * 62 * Wl, 25 * Wl, Z(815)), (69 * Wl, 40 * Wl, Z(54)), s * 0.35)
-        cv.paint(bx, lambda z, y, x, fn=fn, fi=fi, s=s: fn(z, y, x) & ~fi(z, y, x) & (s * x > 40 * Wl) & (z < Z(865)) & (y > -45 * Wl), L[name])
+        cv.paint((Z(700), Z(885), -120, 160, -200, 200), _ilium(s, Wl, Z, spine_y, U), L[name])
         ac = (s * 95 * Wl, -8 * Wl, Z(878))
         fn, bx = _ellipsoid(ac, (36, 36, 34))
         cv.paint(bx, fn, L[name])

@@ -73,12 +73,21 @@ ROT_P = 0.0  # share of anatomy19 patches turned by 1-3 quarter turns in the axi
 # step 2750 to 6000 lowered the mean Dice on example_ct from 0.34 to 0.23 - docs/models.md; off)
 
 
+# Models that always see the slices in the node's order (feet -> head, as
+# dicomnode.series.geometry.to_canonical gives them), so "up" means head: a random head-feet flip
+# made anatomy19 name a bladder "heart" (a round blob, the context upside down) and made the upright
+# turn of the orientation check harder to tell from the flipped one.
+NODE_ORDER = frozenset({"anatomy19"})
+
+
 def sample_labels(pool: Pool, rng: np.random.Generator, patch: tuple[int, int, int], fg_p: float = 0.7,
-                  zoom: tuple[float, float] = (0.85, 1.2), focus: int | None = None) -> np.ndarray:
+                  zoom: tuple[float, float] = (0.85, 1.2), focus: int | None = None,
+                  flip_p: float = 0.5) -> np.ndarray:
     """A random label patch (random map, foreground-biased centre, random zoom, z flip).
 
     ``focus``: a label value; when the map has it, foreground-biased centres are drawn from it
-    (a region model sees what its crop would contain).
+    (a region model sees what its crop would contain). ``flip_p``: probability of reversing the
+    slices (the maps run head -> feet; the node feeds feet -> head, see ``NODE_ORDER``).
     """
     i = int(rng.integers(len(pool.maps)))
     lab, coords = pool.maps[i], pool.coords[i]
@@ -95,7 +104,7 @@ def sample_labels(pool: Pool, rng: np.random.Generator, patch: tuple[int, int, i
         sub = ndi.zoom(sub, [p / s for p, s in zip(patch, size)], order=0)[:patch[0], :patch[1], :patch[2]]
         if sub.shape != patch:
             sub = crop_patch(sub, np.array(sub.shape) // 2, patch)
-    if rng.random() < 0.5:
+    if rng.random() < flip_p:
         sub = sub[::-1]
     return np.ascontiguousarray(sub)
 
@@ -133,7 +142,8 @@ def make_batch(spec: ModelSpec, pool: Pool, rng: np.random.Generator, real: Pool
         else:
             src = real if use_real else pool
             focus = LABELS["liver"] if spec.name == "liver" else None
-            lab = sample_labels(src, rng, spec.patch, fg_p=0.85 if focus else 0.7, focus=focus)
+            lab = sample_labels(src, rng, spec.patch, fg_p=0.85 if focus else 0.7, focus=focus,
+                                flip_p=1.0 if spec.name in NODE_ORDER else 0.5)
             ignore = lab >= 100  # realdata.IGNORE_OFFSET + tissue: synthesised, not in the loss
             if ignore.any():
                 lab = lab.copy(); lab[ignore] -= 100

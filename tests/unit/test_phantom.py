@@ -76,3 +76,25 @@ def test_finer_spacing_and_errors() -> None:
         generate_phantom(0, "knee")
     with pytest.raises(ValueError):
         generate_phantom(0, "whole", 0.0)
+
+
+@pytest.mark.parametrize("seed", [2, 5])
+def test_pelvis_shapes(seed: int) -> None:
+    """Iliac wings are plates from the crest (beside the lower lumbar spine) to the acetabulum that
+    meet the sacrum at the sacroiliac joints; the sacrum curves back (its tip behind its top)."""
+    from scipy import ndimage as ndi
+    lab, _ = generate_phantom(seed, "pelvis")
+    sac = lab == LABELS["sacrum"]
+    zs = np.nonzero(sac.any(axis=(1, 2)))[0]
+    top, tip = np.argwhere(sac[zs[0]:zs[0] + 3]).mean(0), np.argwhere(sac[zs[-1] - 2:zs[-1] + 1]).mean(0)
+    assert tip[1] - top[1] > 25 / 3.0  # rows run anterior -> posterior: > 25 mm backwards
+    lumbar_z = np.nonzero((lab == LABELS["lumbar_vertebrae"]).any(axis=(1, 2)))[0]
+    near_sac = ndi.binary_dilation(sac, iterations=3)
+    for name in ("left_hip", "right_hip"):
+        hip = lab == LABELS[name]
+        hz = np.nonzero(hip.any(axis=(1, 2)))[0]
+        assert hz[0] < lumbar_z[-1] - 5          # the crest lies beside L4/L5, above the sacrum's top
+        assert (hip & near_sac).sum() > 20        # sacroiliac joint
+        # a plate, not a ball: in the wing's slices the bone is much wider than thick
+        wing = hip[hz[0] + 5]
+        assert 0 < wing.sum() < 0.5 * (np.ptp(np.nonzero(wing)[0]) + 1) * (np.ptp(np.nonzero(wing)[1]) + 1)
