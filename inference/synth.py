@@ -79,6 +79,8 @@ def ct_from_labels(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         mean[L[name]] += U(a, b)
     if rng.random() < 0.15:  # oral contrast in the bowel
         mean[L["bowel"]] += U(100, 400)
+    elif rng.random() < 0.3:  # fluid-filled stomach/bowel close to the liver's density: the liver is told by shape
+        mean[L["bowel"]] = mean[L["liver"]] - U(5, 30); tex[L["bowel"]] = U(3, 12)
     for v in BONES:
         mean[v] = U(150, 500); tex[v] = U(20, 120)
     lab = labels.astype(np.intp)

@@ -74,10 +74,11 @@ ROT_P = 0.0  # share of anatomy19 patches turned by 1-3 quarter turns in the axi
 
 
 # Models that always see the slices in the node's order (feet -> head, as
-# dicomnode.series.geometry.to_canonical gives them), so "up" means head: a random head-feet flip
+# dicomnode.series.geometry.to_canonical gives them; the liver's crop is cut from that volume), so
+# "up" means head: a random head-feet flip
 # made anatomy19 name a bladder "heart" (a round blob, the context upside down) and made the upright
 # turn of the orientation check harder to tell from the flipped one.
-NODE_ORDER = frozenset({"anatomy19"})
+NODE_ORDER = frozenset({"anatomy19", "liver"})
 
 
 def sample_labels(pool: Pool, rng: np.random.Generator, patch: tuple[int, int, int], fg_p: float = 0.7,
