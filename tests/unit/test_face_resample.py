@@ -76,3 +76,24 @@ def test_masked_background_makes_a_defaced_face_look_like_air() -> None:
     defaced = face.anonymise(masked, region, rng, "deface")
     assert region.any() and (defaced[region] == masked[~near][0]).all()
     assert np.array_equal(face.mask_background(img, head, 0)[head], img[head])
+
+
+def test_tight_field_of_view_and_padding_outside_the_loss() -> None:
+    """A tight field of view keeps the head plus at most 6 mm at the sides and the front; training
+    patches reaching beyond the image carry the ignore target 255 there, never 'not altered'."""
+    from inference import face
+
+    rng = np.random.default_rng(3)
+    img = rng.normal(5.0, 1.0, size=(60, 50, 50)).astype(np.float32)
+    head = np.zeros(img.shape, bool)
+    head[5:55, 12:40, 10:38] = True
+    for _ in range(10):
+        ti, th = face.tight_fov(img, head, 3.0, rng)
+        assert th.sum() == head.sum() and ti.shape == th.shape and ti.shape[0] == 60
+        assert 28 <= ti.shape[2] <= 28 + 4 and 38 <= ti.shape[1] <= 38 + 2  # +0..2 voxels of 3 mm a side
+    pool = face.FacePool(1, 3.0, real=())
+    seen: set[int] = set()
+    for i in range(12):
+        x, y = pool.sample(np.random.default_rng(i), (48, 64, 64))
+        seen |= set(np.unique(y).tolist())
+    assert seen == {0, 1, 255}
