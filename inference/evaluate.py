@@ -117,7 +117,22 @@ def eval_anatomy(model: Model) -> dict:
     per = {names[v]: round(dice(pred == v, ref == v), 4) for v in range(1, 20) if (ref == v).sum() >= 10}
     absent_fp = {names[v]: int((pred == v).sum()) for v in range(1, 20) if (ref == v).sum() < 10 and (pred == v).sum()}
     return {"example_ct": {"per_class": per, "mean": round(float(np.mean(list(per.values()))), 4),
-                           "false_positive_voxels_absent_classes": absent_fp, "seconds": round(dt, 2)}}
+                           "false_positive_voxels_absent_classes": absent_fp,
+                           "reference_voxels_labelled": confusion(pred, ref, names), "seconds": round(dt, 2)}}
+
+
+def confusion(pred: np.ndarray, ref: np.ndarray, names: dict[int, str], top: int = 3) -> dict[str, dict[str, float]]:
+    """Per reference class present: the share of its voxels given each of the ``top`` most frequent
+    predicted labels ("background" included) - where a class's Dice goes."""
+    out: dict[str, dict[str, float]] = {}
+    for v in range(1, 20):
+        r = ref == v
+        if r.sum() < 10:
+            continue
+        vals, cnt = np.unique(pred[r], return_counts=True)
+        order = np.argsort(cnt)[::-1][:top]
+        out[names[v]] = {names.get(int(vals[i]), "background"): round(float(cnt[i] / r.sum()), 3) for i in order}
+    return out
 
 
 def eval_liver(model: Model) -> dict:
