@@ -115,7 +115,8 @@ def test_face_area_on_the_held_out_real_head(shared_data: Path) -> None:
     r = eval_face_area(_model("face_area"))
     assert r["held_out_mean"] >= MIN_FACE_AREA_HELD_OUT_DICE, r
     held = r["chris_t1"]
-    assert held["intact_predicted_voxels"] < 0.1 * held["region_voxels"], held  # measured 843 of 26639
+    assert held["intact_predicted_voxels"] < 0.02 * held["region_voxels"], held  # measured 119 of 26639
+    assert held["dice"]["deface"] >= 0.85, held  # the hardest mode: measured 0.871
 
 
-MIN_FACE_AREA_HELD_OUT_DICE = 0.9  # measured 0.931 (step 6500; export rule 0.8, docs/models.md); the goal of issue 5 is 0.95
+MIN_FACE_AREA_HELD_OUT_DICE = 0.9  # measured 0.933 (mean of steps 7000-8500; export rule 0.8, docs/models.md); the goal of issue 5 is 0.95
