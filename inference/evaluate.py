@@ -80,14 +80,14 @@ class Model:
         dt = time.perf_counter() - t
         return y[:, :x.shape[1], :x.shape[2], :x.shape[3]], dt
 
-    def predict(self, img: np.ndarray, modality: str = "CT", node_order: bool = True) -> tuple[np.ndarray, float]:
-        """Label map (argmax) and seconds. ``img`` is on the realdata grid (slices head -> feet);
-        with ``node_order`` it is fed feet -> head, the order of dicomnode.series.geometry.to_canonical."""
+    def predict(self, img: np.ndarray, modality: str = "CT") -> tuple[np.ndarray, float]:
+        """Label map (argmax, the manifest's largest-component step) and seconds. ``img`` is on the
+        realdata grid (slices head -> feet, rows anterior -> posterior, columns right -> left),
+        which is the orientation of the node's model grid (``dicomnode.infer.tiling.CANONICAL_DIRECTION``,
+        what ``to_model_grid`` gives every model), so it is fed as it is. (Until 2026-12-05 it was
+        fed reversed, feet -> head, in the belief that this was the node's order.)"""
         from dicomnode.infer.tiling import keep_largest_components
         keep = self.manifest.largest_component  # the node's own post-processing (client.segment_native)
-        if node_order:
-            y, dt = self.logits(np.ascontiguousarray(img[::-1]), modality)
-            return np.ascontiguousarray(keep_largest_components(np.argmax(y, 0).astype(np.int16), keep)[::-1]), dt
         y, dt = self.logits(img, modality)
         return keep_largest_components(np.argmax(y, 0).astype(np.int16), keep), dt
 

@@ -15,8 +15,9 @@ Orientation (documented contract; the same axes as the CTARR atlas frame of ../s
 * column index grows towards the patient's LEFT (LPS +x) - the standard axial DICOM picture
   (patient's right on the left of the image).
 
-Training code that expects the other slice order (feet -> head) flips axis 0; the anatomy19 model
-is trained with random z flips so either slice order of the node's canonical grid works.
+This is the orientation of the node's model grid (``dicomnode.infer.tiling.CANONICAL_DIRECTION``),
+so patches go to the models as they are; ``inference.train`` flips them head-feet at random except
+for the models in ``NODE_ORDER``.
 
 Label values: ``LABELS`` (name -> value). 1..19 are the CTARR anatomies in CTARR order
 (``CTARR_NAMES``); 20.. are extra tissue classes the CT synthesis fills with their own HU

@@ -73,11 +73,12 @@ ROT_P = 0.0  # share of anatomy19 patches turned by 1-3 quarter turns in the axi
 # step 2750 to 6000 lowered the mean Dice on example_ct from 0.34 to 0.23 - docs/models.md; off)
 
 
-# Models that always see the slices in the node's order (feet -> head, as
-# dicomnode.series.geometry.to_canonical gives them; the liver's crop is cut from that volume), so
-# "up" means head: a random head-feet flip
-# made anatomy19 name a bladder "heart" (a round blob, the context upside down) and made the upright
-# turn of the orientation check harder to tell from the flipped one.
+# Models that always see the slices in the node's order: head -> feet, the slice direction of the
+# node's model grid (dicomnode.infer.tiling.CANONICAL_DIRECTION; to_model_grid gives every model
+# that grid) and of the label maps, so their patches are never flipped and "up" means head. The
+# others are flipped head-feet at random. (The run of 2026-12-05 trained anatomy19 and liver
+# always flipped, feet -> head, on the mistaken belief that this was the node's order; see
+# docs/models.md.)
 NODE_ORDER = frozenset({"anatomy19", "liver"})
 
 
@@ -88,7 +89,7 @@ def sample_labels(pool: Pool, rng: np.random.Generator, patch: tuple[int, int, i
 
     ``focus``: a label value; when the map has it, foreground-biased centres are drawn from it
     (a region model sees what its crop would contain). ``flip_p``: probability of reversing the
-    slices (the maps run head -> feet; the node feeds feet -> head, see ``NODE_ORDER``).
+    slices (the maps run head -> feet, as the node's model grid does; see ``NODE_ORDER``).
     """
     i = int(rng.integers(len(pool.maps)))
     lab, coords = pool.maps[i], pool.coords[i]
@@ -144,7 +145,7 @@ def make_batch(spec: ModelSpec, pool: Pool, rng: np.random.Generator, real: Pool
             src = real if use_real else pool
             focus = LABELS["liver"] if spec.name == "liver" else None
             lab = sample_labels(src, rng, spec.patch, fg_p=0.85 if focus else 0.7, focus=focus,
-                                flip_p=1.0 if spec.name in NODE_ORDER else 0.5)
+                                flip_p=0.0 if spec.name in NODE_ORDER else 0.5)
             ignore = lab >= 100  # realdata.IGNORE_OFFSET + tissue: synthesised, not in the loss
             if ignore.any():
                 lab = lab.copy(); lab[ignore] -= 100

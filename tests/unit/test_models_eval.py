@@ -94,7 +94,7 @@ def test_anatomy19_on_real_ct(shared_data: Path) -> None:
     assert shares["liver"] >= 0.7  # Dice >= 0.8 needs most of the reference liver labelled liver
 
 
-MIN_ANATOMY19_MEAN_DICE = 0.38  # measured 0.42 (step 4450); the goal of issue 5 is 0.85
+MIN_ANATOMY19_MEAN_DICE = 0.38  # measured 0.403 (step 4450, slices in the node's order); the goal of issue 5 is 0.85
 
 
 def test_liver_on_real_ct(shared_data: Path) -> None:
@@ -115,8 +115,8 @@ def test_face_area_on_the_held_out_real_head(shared_data: Path) -> None:
     r = eval_face_area(_model("face_area"))
     assert r["held_out_mean"] >= MIN_FACE_AREA_HELD_OUT_DICE, r
     held = r["chris_t1"]
-    assert held["intact_predicted_voxels"] < 0.02 * held["region_voxels"], held  # measured 119 of 26639
-    assert held["dice"]["deface"] >= 0.85, held  # the hardest mode: measured 0.871
+    assert held["intact_predicted_voxels"] < 0.02 * held["region_voxels"], held  # measured 175 of 26639
+    assert held["dice"]["deface"] >= 0.85, held  # the hardest mode: measured 0.903
 
 
-MIN_FACE_AREA_HELD_OUT_DICE = 0.9  # measured 0.933 (mean of steps 7000-8500; export rule 0.8, docs/models.md); the goal of issue 5 is 0.95
+MIN_FACE_AREA_HELD_OUT_DICE = 0.9  # measured 0.945 (mean of steps 7000-8500; export rule 0.8, docs/models.md); the goal of issue 5 is 0.95
