@@ -114,21 +114,21 @@ def eval_anatomy(model: Model) -> dict:
     ref = ctarr_target(np.where(s.labels >= realdata.IGNORE_OFFSET, 0, s.labels))
     pred, dt = model.predict(s.image, "CT")
     names = {l.value: l.name for l in model.manifest.labels}
-    per = {names[v]: round(dice(pred == v, ref == v), 4) for v in range(1, 20) if (ref == v).sum() >= 10}
-    absent_fp = {names[v]: int((pred == v).sum()) for v in range(1, 20) if (ref == v).sum() < 10 and (pred == v).sum()}
+    present = [v for v in range(1, 20) if (ref == v).sum() >= 10]
+    per = {names[v]: round(dice(pred == v, ref == v), 4) for v in present}
+    absent_fp = {names[v]: int((pred == v).sum()) for v in range(1, 20) if v not in present and (pred == v).sum()}
     return {"example_ct": {"per_class": per, "mean": round(float(np.mean(list(per.values()))), 4),
                            "false_positive_voxels_absent_classes": absent_fp,
-                           "reference_voxels_labelled": confusion(pred, ref, names), "seconds": round(dt, 2)}}
+                           "reference_voxels_labelled": confusion(pred, ref, names, present), "seconds": round(dt, 2)}}
 
 
-def confusion(pred: np.ndarray, ref: np.ndarray, names: dict[int, str], top: int = 3) -> dict[str, dict[str, float]]:
-    """Per reference class present: the share of its voxels given each of the ``top`` most frequent
-    predicted labels ("background" included) - where a class's Dice goes."""
+def confusion(pred: np.ndarray, ref: np.ndarray, names: dict[int, str], classes: list[int],
+              top: int = 3) -> dict[str, dict[str, float]]:
+    """Per reference class in ``classes``: the share of its voxels given each of the ``top`` most
+    frequent predicted labels ("background" included) - where a class's Dice goes."""
     out: dict[str, dict[str, float]] = {}
-    for v in range(1, 20):
+    for v in classes:
         r = ref == v
-        if r.sum() < 10:
-            continue
         vals, cnt = np.unique(pred[r], return_counts=True)
         order = np.argsort(cnt)[::-1][:top]
         out[names[v]] = {names.get(int(vals[i]), "background"): round(float(cnt[i] / r.sum()), 3) for i in order}

@@ -123,9 +123,10 @@ def anonymise(img: np.ndarray, region: np.ndarray, rng: np.random.Generator, mod
 def resample_head_grid(img: np.ndarray, affine: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
     """(image, affine) on the node's canonical grid at isotropic ``spacing`` mm, made by the node's
     own resampling (``dicomnode.infer.tiling.to_spacing_grid``, the body of ``to_model_grid``: block
-    mean of axes downsampled 2x or more, then linear interpolation on the physical grid). An earlier ``ndi.zoom`` stand-in was
-    close (correlation 0.96) but not equal, and the model trained on it lost most of the defaced
-    area on the node's own grid (Dice 0.84 -> 0.44), so training, evaluation and node share this."""
+    mean of axes downsampled 2x or more, then linear interpolation on the physical grid). An
+    earlier ``ndi.zoom`` stand-in was close (correlation 0.96) but not equal, and the model trained
+    on it lost most of the defaced area on the node's own grid (Dice 0.84 -> 0.44), so training,
+    evaluation and node share this."""
     from dicomnode.infer.tiling import to_spacing_grid
     from dicomnode.volume import Volume
     g = to_spacing_grid(Volume(np.asarray(img, np.float32), np.asarray(affine, float)), (spacing, spacing, spacing))

@@ -124,7 +124,6 @@ def _tube(p0: tuple[float, float, float], p1: tuple[float, float, float], rad: f
     return fn, (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0])
 
 
-
 def _ilium(s: int, Wl: float, Z: Callable[[float], float], spine_y: Callable, U: Callable) -> Fn:
     """Iliac wing of side ``s`` (+1 left): in each axial slice a curved plate from the sacroiliac
     joint (behind, beside the sacrum) bowing out laterally to the anterior rim, which runs from
