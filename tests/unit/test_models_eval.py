@@ -70,7 +70,7 @@ def test_body_on_mr_is_plausible(shared_data: Path) -> None:
 
 def test_anatomy19_left_right_on_real_ct(shared_data: Path) -> None:
     """Kidneys and lungs found on both sides of the real example_ct, each on its own side, and the
-    liver on the patient's right (the step-2650 export found no kidney at all; step 4450 does)."""
+    liver on the patient's right (the step-2650 export found no kidney at all; steps 4450 and 9000 do)."""
     from inference import realdata
     model = _model("anatomy19")
     s = realdata.load_scan("example_ct")
@@ -94,7 +94,7 @@ def test_anatomy19_on_real_ct(shared_data: Path) -> None:
     assert shares["liver"] >= 0.7  # Dice >= 0.8 needs most of the reference liver labelled liver
 
 
-MIN_ANATOMY19_MEAN_DICE = 0.38  # measured 0.403 (step 4450, slices in the node's order); the goal of issue 5 is 0.85
+MIN_ANATOMY19_MEAN_DICE = 0.49  # measured 0.514 (step 9000, slices in the node's order); the goal of issue 5 is 0.85
 
 
 def test_liver_on_real_ct(shared_data: Path) -> None:
