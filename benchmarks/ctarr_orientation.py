@@ -147,7 +147,7 @@ class OnnxAnatomy:
             labels, _ = tiling.predict_volume(x, m, lambda xb: self.session.run(None, {m.input_name: xb})[0])
             self.seconds += time.perf_counter() - t0
             self.runs += 1
-            labels = self.memo[key] = tiling.keep_largest_components(labels, m.largest_component).astype(np.int16)
+            labels = self.memo[key] = tiling.postprocess(labels, m).astype(np.int16)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(path, labels)

@@ -81,15 +81,14 @@ class Model:
         return y[:, :x.shape[1], :x.shape[2], :x.shape[3]], dt
 
     def predict(self, img: np.ndarray, modality: str = "CT") -> tuple[np.ndarray, float]:
-        """Label map (argmax, the manifest's largest-component step) and seconds. ``img`` is on the
+        """Label map (argmax, the manifest's post-processing) and seconds. ``img`` is on the
         realdata grid (slices head -> feet, rows anterior -> posterior, columns right -> left),
         which is the orientation of the node's model grid (``dicomnode.infer.tiling.CANONICAL_DIRECTION``,
         what ``to_model_grid`` gives every model), so it is fed as it is. (Until 2026-12-05 it was
         fed reversed, feet -> head, in the belief that this was the node's order.)"""
-        from dicomnode.infer.tiling import keep_largest_components
-        keep = self.manifest.largest_component  # the node's own post-processing (client.segment_native)
+        from dicomnode.infer.tiling import postprocess  # the node's own (client.segment_native)
         y, dt = self.logits(img, modality)
-        return keep_largest_components(np.argmax(y, 0).astype(np.int16), keep), dt
+        return postprocess(np.argmax(y, 0).astype(np.int16), self.manifest), dt
 
 
 def eval_body(model: Model) -> dict:

@@ -68,6 +68,7 @@ class ModelSpec:
     description: str = ""
     stem: int = 1  # 2: the U-Net runs at half resolution (see inference.unet)
     largest_component: tuple[int, ...] = ()  # labels the node keeps to their largest component
+    fill_holes: tuple[int, ...] = ()  # labels whose holes the node fills per axial slice
 
     @property
     def pad_multiple(self) -> int:
@@ -93,6 +94,7 @@ SPECS: dict[str, ModelSpec] = {
         labels=(_label(1, "body", "38266002", "Entire body as a whole", None, (177, 122, 101)),),
         base=8, stages=4, patch=(32, 96, 96), batch=2, spacing_mm=3.0, windows=((-1024.0, 1500.0),),
         by_modality={"MR": "zscore"}, modalities=("CT", "MR"), infer_patch=(128, 192, 192),
+        largest_component=(1,), fill_holes=(1,),  # one body; gas inside it (lungs, bowel) is body
         description="body/foreground of CT and MR, 3D U-Net (8 base filters, 4 stages) trained on synthetic "
                     "CT and MR-like images from phantoms, with constant-valued regions outside the field of view"),
     "face_area": ModelSpec(
@@ -125,4 +127,6 @@ def manifest(spec: ModelSpec, extra: dict[str, Any] | None = None) -> dict[str, 
         m["normalisation_by_modality"] = dict(spec.by_modality)
     if spec.largest_component:
         m["largest_component"] = list(spec.largest_component)
+    if spec.fill_holes:
+        m["fill_holes"] = list(spec.fill_holes)
     return m

@@ -388,7 +388,7 @@ class InferenceClient:
         labels, probs = tiling.predict_volume(
             x, m, self._predict_fn(model), batch=self.batch, want_probabilities=probabilities
         )
-        labels = tiling.keep_largest_components(labels, m.largest_component)
+        labels = tiling.postprocess(labels, m)
         return Prediction(labels=on_grid.with_array(labels), manifest=m, probabilities=probs if probabilities else None)
 
     def segment(self, volume: Volume, model: str) -> Prediction:

@@ -61,6 +61,7 @@ class ModelManifest:
     output_kind: str = "logits"  # "logits" or "probabilities" (channel 0 = background)
     normalisation_by_modality: tuple[tuple[str, str], ...] = ()  # e.g. (("MR", "zscore"),)
     largest_component: tuple[int, ...] = ()  # labels kept to their largest 26-connected component
+    fill_holes: tuple[int, ...] = ()  # labels whose background holes are filled per axial slice
 
     @property
     def n_channels(self) -> int:
@@ -100,6 +101,8 @@ def _checked(m: ModelManifest) -> ModelManifest:
         raise ValueError("label values must be 1..K without gaps (0 is background)")
     if not set(m.largest_component) <= {l.value for l in m.labels}:
         raise ValueError("largest_component names a label value the model does not have")
+    if not set(m.fill_holes) <= {l.value for l in m.labels}:
+        raise ValueError("fill_holes names a label value the model does not have")
     return m
 
 
@@ -129,6 +132,7 @@ def load_manifest(path: str | Path) -> ModelManifest:
                 (str(k), str(v)) for k, v in sorted(dict(d.get("normalisation_by_modality", {})).items())
             ),
             largest_component=tuple(int(v) for v in d.get("largest_component", [])),
+            fill_holes=tuple(int(v) for v in d.get("fill_holes", [])),
         ))
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ModelContractError(f"manifest {p.name} of {p.parent.name}: {exc}") from exc

@@ -240,7 +240,7 @@ def _anatomy_in_process(volume: Volume) -> Volume:
     key = hashlib.sha1(x.tobytes() + repr(x.shape).encode()).digest()
     if key not in _MEMO:
         labels, _ = tiling.predict_volume(x, m, lambda xb: sess.run(None, {m.input_name: xb})[0])
-        _MEMO[key] = tiling.keep_largest_components(labels, m.largest_component).astype(np.int16)
+        _MEMO[key] = tiling.postprocess(labels, m).astype(np.int16)
     return grid.with_array(_MEMO[key])
 
 

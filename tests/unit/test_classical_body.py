@@ -26,7 +26,7 @@ def body():
 def _segment(vol, m, predict, modality="CT"):
     grid = tiling.to_model_grid(vol, m)
     labels, _ = tiling.predict_volume(tiling.normalise(grid.array, m, modality), m, predict)
-    return grid, labels
+    return grid, tiling.postprocess(labels, m)  # the node's path (client.segment_native)
 
 
 def test_served_graph_is_the_one_the_code_builds() -> None:

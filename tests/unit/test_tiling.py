@@ -220,3 +220,41 @@ def test_manifest_rejects_largest_component_of_an_unknown_label(tmp_path) -> Non
     d["largest_component"] = [1]
     (tmp_path / "labels.json").write_text(json.dumps(d))
     assert load_manifest(tmp_path / "labels.json").largest_component == (1,)
+
+
+def test_fill_holes_per_slice_fills_enclosed_background_only_within_a_slice() -> None:
+    lab = np.zeros((3, 9, 9), np.uint8)
+    lab[:, 1:8, 1:8] = 1
+    lab[1, 3:6, 3:6] = 0            # a hole enclosed in slice 1 (lung, bowel gas)
+    lab[0, 4, 0:5] = 0              # a channel to the slice's edge in slice 0: not a hole
+    lab[2, 4, 4] = 2                # another label inside: left as it is
+    lab[2, 3, 3] = 0
+    out = tiling.fill_holes_per_slice(lab, (1,))
+    assert (out[1, 3:6, 3:6] == 1).all()
+    assert (out[0, 4, 0:5] == 0).all()
+    assert out[2, 4, 4] == 2 and out[2, 3, 3] == 1
+    assert lab[1, 4, 4] == 0        # the input is not modified
+    assert tiling.fill_holes_per_slice(lab, ()) is lab
+    tube = np.zeros((5, 7, 7), np.uint8); tube[:, 1:6, 1:6] = 1; tube[:, 3, 3] = 0  # open at both ends in 3D
+    assert (tiling.fill_holes_per_slice(tube, (1,))[:, 3, 3] == 1).all()  # per slice it is enclosed
+
+
+def test_postprocess_applies_the_manifest_steps_and_rejects_unknown_labels(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dicomnode.errors import ModelContractError
+    d = json.loads(json.dumps(pointwise_manifest()))
+    d["fill_holes"] = [7]
+    (tmp_path / "labels.json").write_text(json.dumps(d))
+    with pytest.raises(ModelContractError, match="fill_holes"):
+        load_manifest(tmp_path / "labels.json")
+    d["fill_holes"] = [1]
+    d["largest_component"] = [1]
+    (tmp_path / "labels.json").write_text(json.dumps(d))
+    m = load_manifest(tmp_path / "labels.json")
+    lab = np.zeros((2, 9, 9), np.uint8)
+    lab[:, 1:6, 1:6] = 1
+    lab[:, 3, 3] = 0                # a hole
+    lab[1, 8, 8] = 1                # a speck
+    out = tiling.postprocess(lab, m)
+    assert out[1, 8, 8] == 0 and (out[:, 3, 3] == 1).all() and (out == 1).sum() == 50
+    (tmp_path / "labels.json").write_text(json.dumps(pointwise_manifest()))
+    assert tiling.postprocess(lab, load_manifest(tmp_path / "labels.json")) is lab  # no steps: as it is
