@@ -99,10 +99,9 @@ def _checked(m: ModelManifest) -> ModelManifest:
         raise ValueError("pad_multiple >= 1 and 0 <= overlap < 1")
     if sorted(l.value for l in m.labels) != list(range(1, len(m.labels) + 1)):
         raise ValueError("label values must be 1..K without gaps (0 is background)")
-    if not set(m.largest_component) <= {l.value for l in m.labels}:
-        raise ValueError("largest_component names a label value the model does not have")
-    if not set(m.fill_holes) <= {l.value for l in m.labels}:
-        raise ValueError("fill_holes names a label value the model does not have")
+    for step, named in (("largest_component", m.largest_component), ("fill_holes", m.fill_holes)):
+        if not set(named) <= {l.value for l in m.labels}:
+            raise ValueError(f"{step} names a label value the model does not have")
     return m
 
 

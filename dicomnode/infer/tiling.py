@@ -310,29 +310,40 @@ def predict_volume(
     return np.argmax(probs, axis=0).astype(dtype), probs
 
 
-def keep_largest_components(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
-    """``labels`` with each of ``values`` kept to its largest 26-connected component (rest -> 0).
-
-    For organs that are one connected piece (the liver): specks elsewhere in a crop are errors.
-    Works in place on a copy only when something changes; never raises for empty labels.
-    """
-    if not values:
-        return labels
-    from scipy import ndimage as ndi
-
+def _edit_per_label(labels: np.ndarray, values: tuple[int, ...],
+                    edit: Callable[[np.ndarray, np.ndarray], np.ndarray | None], to: int | None) -> np.ndarray:
+    """For each of ``values`` present in ``labels``: ``edit(mask, current)`` names the voxels to
+    set (to ``to``, or to the value itself when ``to`` is None), or returns None for none.
+    ``labels`` is copied only when something changes, so an unchanged map is returned as it is."""
     out = labels
     for v in values:
         mask = labels == v
         if not mask.any():
             continue
-        comp, n = ndi.label(mask, np.ones((3, 3, 3), bool))
-        if n <= 1:
+        where = edit(mask, out)
+        if where is None or not where.any():
             continue
-        sizes = np.bincount(comp.ravel())[1:]
         if out is labels:
             out = labels.copy()
-        out[mask & (comp != 1 + int(np.argmax(sizes)))] = 0
+        out[where] = v if to is None else to
     return out
+
+
+def keep_largest_components(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+    """``labels`` with each of ``values`` kept to its largest 26-connected component (rest -> 0).
+
+    For organs that are one connected piece (the liver): specks elsewhere in a crop are errors.
+    Works on a copy only when something changes; never raises for empty labels.
+    """
+    from scipy import ndimage as ndi
+
+    def smaller_pieces(mask: np.ndarray, _: np.ndarray) -> np.ndarray | None:
+        comp, n = ndi.label(mask, np.ones((3, 3, 3), bool))
+        if n <= 1:
+            return None
+        return mask & (comp != 1 + int(np.argmax(np.bincount(comp.ravel())[1:])))
+
+    return _edit_per_label(labels, values, smaller_pieces, 0)
 
 
 def fill_holes_per_slice(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
@@ -343,22 +354,13 @@ def fill_holes_per_slice(labels: np.ndarray, values: tuple[int, ...]) -> np.ndar
     background voxels change; a 3D fill would also close the airway where it leaves the body.
     Works on a copy only when something changes; never raises for empty labels.
     """
-    if not values:
-        return labels
     from scipy import ndimage as ndi
 
-    out = labels
-    for v in values:
-        mask = labels == v
-        if not mask.any():
-            continue
+    def holes(mask: np.ndarray, current: np.ndarray) -> np.ndarray:
         filled = np.stack([ndi.binary_fill_holes(sl) if sl.any() else sl for sl in mask])
-        add = filled & (out == 0)
-        if add.any():
-            if out is labels:
-                out = labels.copy()
-            out[add] = v
-    return out
+        return filled & (current == 0)
+
+    return _edit_per_label(labels, values, holes, None)
 
 
 def postprocess(labels: np.ndarray, manifest: ModelManifest) -> np.ndarray:
