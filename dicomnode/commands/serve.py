@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 
+from dicomnode.commands.stopsignal import StopSignals
 from dicomnode.config import load_config, with_overrides
 from dicomnode.errors import ConfigError, ModelContractError
 
@@ -32,14 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from dicomnode.app import Node, init_logging
 
     init_logging(cfg)
-    stop = threading.Event()
-
-    def _signal(signum: int, _frame: object) -> None:
-        LOG.info("signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _signal)
-    signal.signal(signal.SIGINT, _signal)
+    stop = StopSignals()
     try:
         node = Node(cfg)
         node.start()
@@ -49,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     LOG.info("node %s running (data in %s)", cfg.node.ae_title, cfg.data_dir)
     while not stop.wait(1.0):
         pass
+    LOG.info("signal %d: stopping", stop.received)
     node.stop()
+    stop.close()
     LOG.info("node stopped")
     return 0

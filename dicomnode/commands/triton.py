@@ -8,11 +8,10 @@ Exit codes: 0 stopped on request, 1 the server failed to start or died, 2 usage.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from pathlib import Path
 
+from dicomnode.commands.stopsignal import StopSignals
 from dicomnode.errors import ConfigError, ModelContractError, TransientError
 
 
@@ -46,9 +45,7 @@ def run(args: argparse.Namespace) -> int:
         grpc_port=t.grpc_port if args.grpc_port is None else args.grpc_port,
         log_path=args.log,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals()
     try:
         server.start()
     except (TransientError, ModelContractError, RuntimeError, OSError) as exc:
@@ -65,3 +62,4 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.stop()
+        stop.close()
