@@ -252,11 +252,11 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
         return f
     cv.paint((Z(620), Z(870), -200, 200, -200, 200),
              lambda z, y, x: cavity(10)(z, y, x) & (y < spine_y(z) - 10), L["bowel"])
-    for _ in range(int(U(10, 45))):
+    for _ in range(int(U(20, 70))):  # gas in the loops and mesenteric fat between them
         c = (U(-110, 110) * Wl, U(-90, 30) * Wl, Z(U(620, 860)))
-        r = U(5, 22)
+        r = U(4, 20)
         fn, bx = _ellipsoid(c, (r, r * U(0.6, 1.4), r * U(0.6, 1.4)))
-        cv.paint(bx, fn, L["gas"] if rng.random() < 0.6 else L["fat"], only=(L["bowel"],))
+        cv.paint(bx, fn, L["gas"] if rng.random() < 0.45 else L["fat"], only=(L["bowel"],))
     for s in (-1, 1):  # psoas and paraspinal muscles
         fn, bx = _tube((s * 30 * Wl, 40 * Wl, Z(620)), (s * 75 * Wl, -10 * Wl, Z(880)), 20 * Wl)
         cv.paint(bx, fn, L["muscle"])
@@ -280,7 +280,8 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
         return fn
     lv = U(0.85, 1.2)
     f1, b1 = _ellipsoid((-65 * Wl, U(-10, 10), Z(605)), (88 * Wl * lv, 88 * Wl * lv, Z(80) * lv), U(-0.3, 0.1))
-    f2, b2 = _ellipsoid((15 * Wl, -40 * Wl, Z(585)), (65 * Wl * lv, 38 * Wl, Z(42) * lv), 0.3)
+    ll = U(0.9, 1.35)  # the left lobe reaches across the midline, often well to the left
+    f2, b2 = _ellipsoid((15 * ll * Wl, -40 * Wl, Z(585)), (65 * ll * Wl * lv, 38 * Wl, Z(42) * lv), 0.3)
     bd = below_dome(-1); cav = cavity(0)
     cv.paint(b1, lambda z, y, x: f1(z, y, x) & bd(z, y, x) & cav(z, y, x), L["liver"])
     cv.paint(b2, lambda z, y, x: f2(z, y, x) & bd(z, y, x) & cav(z, y, x), L["liver"])
@@ -294,9 +295,13 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
     for s, name in ((1, "left_kidney"), (-1, "right_kidney")):
         kz = Z(655 + (12 if s < 0 else 0) + U(-15, 15))
         kv = U(0.85, 1.15)
-        fn, bx = _ellipsoid((s * 68 * Wl, 55 * Wl, kz), (27 * kv, 30 * kv, Z(55) * kv), s * U(0.2, 0.6))
-        cv.paint(bx, fn, L[name])
-        fnh, bxh = _ellipsoid((s * 48 * Wl, 45 * Wl, kz), (12, 14, 16))
+        kx, ky, rot = s * U(68, 80) * Wl, U(45, 58) * Wl, s * U(0.2, 0.6)
+        pf = U(6, 16)  # perirenal fat: on real CT the kidney sits in its own fat capsule
+        fn, bx = _ellipsoid((kx, ky, kz), (27 * kv + pf, 30 * kv + pf, Z(55) * kv + pf), rot)
+        cv.paint(bx, fn, L["fat"], only=(L["bowel"], L["soft_tissue"], L["gas"]))
+        fn, bx = _ellipsoid((kx, ky, kz), (27 * kv, 30 * kv, Z(55) * kv), rot)
+        cv.paint(bx, fn, L[name], only=(L["fat"], L["bowel"], L["soft_tissue"], L["gas"], L["vessel"], L["liver"], L["spleen"]))
+        fnh, bxh = _ellipsoid((kx - s * 20 * Wl, ky - 10 * Wl, kz), (12, 14, 16))
         cv.paint(bxh, fnh, L["fat"], only=(L[name],))
     # vessels: descending aorta + arch, IVC
     cv.paint((Z(450), Z(790), -100, 200, -100, 100),
@@ -383,11 +388,14 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
              L["sternum"])
     # sacrum, hips, femurs
     sac_len, sac_tilt = Z(U(95, 125)), U(45, 80)  # the sacrum curves back: S1 in front, tip behind
+    sac_ala = U(10, 16)
 
     def sacrum(z, y, x):
         t = np.clip((z - Z(772)) / sac_len, 0, 1)
         yc = spine_y(np.array(Z(772))) + sac_tilt * t ** 1.3
-        return (z >= Z(772)) & (z < Z(772) + sac_len) & ((x / (55 - 42 * t)) ** 2 + ((y - yc) / (22 - 10 * t)) ** 2 <= 1)
+        body = (x / (28 - 12 * t)) ** 2 + ((y - yc) / (18 - 7 * t)) ** 2 <= 1  # sacral bodies
+        ala = (x / (55 - 42 * t)) ** 2 + ((y - yc - 4) / (sac_ala - 4 * t)) ** 2 <= 1  # thinner wings
+        return (z >= Z(772)) & (z < Z(772) + sac_len) & (body | ala)
     cv.paint((Z(770), Z(900), -100, 250, -80, 80), sacrum, L["sacrum"])
     for s, name in ((1, "left_hip"), (-1, "right_hip")):
         cv.paint((Z(700), Z(885), -120, 160, -200, 200), _ilium(s, Wl, Z, spine_y, U), L[name])
