@@ -24,7 +24,8 @@ Label values: ``LABELS`` (name -> value). 1..19 are the CTARR anatomies in CTARR
 distributions (fat, muscle, bowel, gas, table, other bone, ...). 0 is air outside the body.
 Fields of view (``FOVS``): "whole", "head", "chest", "abdomen", "pelvis".
 Randomised per seed: height, lean girth, fat thickness, belly, organ sizes/positions, bladder
-filling, arms up/down, yaw, position in the field of view, table, reconstruction circle.
+filling, arms up/down, yaw, position in the field of view, table, reconstruction circle, kidney
+position and perirenal fat, width of the liver's left lobe, thickness of the sacral alae.
 Raises ValueError for an unknown ``fov`` or a non-positive spacing.
 """
 from __future__ import annotations
@@ -300,7 +301,8 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
         fn, bx = _ellipsoid((kx, ky, kz), (27 * kv + pf, 30 * kv + pf, Z(55) * kv + pf), rot)
         cv.paint(bx, fn, L["fat"], only=(L["bowel"], L["soft_tissue"], L["gas"]))
         fn, bx = _ellipsoid((kx, ky, kz), (27 * kv, 30 * kv, Z(55) * kv), rot)
-        cv.paint(bx, fn, L[name], only=(L["fat"], L["bowel"], L["soft_tissue"], L["gas"], L["vessel"], L["liver"], L["spleen"]))
+        soft = (L["fat"], L["bowel"], L["soft_tissue"], L["gas"], L["vessel"], L["liver"], L["spleen"])
+        cv.paint(bx, fn, L[name], only=soft)  # not over the psoas, the back muscles or bone
         fnh, bxh = _ellipsoid((kx - s * 20 * Wl, ky - 10 * Wl, kz), (12, 14, 16))
         cv.paint(bxh, fnh, L["fat"], only=(L[name],))
     # vessels: descending aorta + arch, IVC
