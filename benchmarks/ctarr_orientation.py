@@ -24,7 +24,8 @@ Anatomy sources: the reference labels (TotalSegmentator outputs mapped to the 19
 has only T12) and the anatomy19 model from ``triton_models/anatomy19`` run in-process with
 onnxruntime exactly as the node prepares it (``tiling.to_model_grid`` at 3 mm on the header's
 canonical grid, the manifest's windows, ``tiling.predict_volume``). ``--cache DIR`` keeps the
-model outputs (keyed by the model file's size and mtime and the manifest's post-processing steps) so the rule can be re-scored quickly.
+model outputs (keyed by the model file's size and mtime and the manifest's content) so the rule
+can be re-scored quickly.
 """
 from __future__ import annotations
 
@@ -122,9 +123,9 @@ class OnnxAnatomy:
         so.intra_op_num_threads = threads
         onnx = folder / "1" / "model.onnx"
         self.session = ort.InferenceSession(str(onnx), so, providers=["CPUExecutionProvider"])
-        st = onnx.stat()
-        steps = f"{self.manifest.largest_component}:{self.manifest.fill_holes}"  # the post-processing too
-        self.key = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}:{steps}".encode()).hexdigest()[:12]
+        st = onnx.stat()  # the whole manifest is in the key: post-processing steps, windows, ...
+        self.key = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}:".encode()
+                                + (folder / "labels.json").read_bytes()).hexdigest()[:12]
         self.seconds = 0.0
         self.runs = 0
         self.memo: dict[str, np.ndarray] = {}  # model input digest -> labels (the 8 turns of 8 turns repeat)
