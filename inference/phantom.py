@@ -126,24 +126,34 @@ def _tube(p0: tuple[float, float, float], p1: tuple[float, float, float], rad: f
 
 
 def _ilium(s: int, Wl: float, Z: Callable[[float], float], spine_y: Callable, U: Callable) -> Fn:
-    """Iliac wing of side ``s`` (+1 left): in each axial slice a curved plate from the sacroiliac
-    joint (behind, beside the sacrum) bowing out laterally to the anterior rim, which runs from
-    the anterior superior spine at the crest down to the acetabulum; thicker towards the bottom."""
-    zc, za = Z(U(715, 745)), Z(878)
+    """Iliac wing of side ``s`` (+1 left): in each axial slice a slightly bowed plate from the
+    sacroiliac joint (behind, beside the sacrum) to the anterior rim, which runs from the anterior
+    superior spine down to the acetabulum; thicker towards the bottom.
+
+    The crest is not level: its highest point is posterolateral (the iliac tubercle), and it falls
+    20-35 mm towards the back and 45-65 mm towards the anterior superior spine. In real CT the
+    top slices of the crest are therefore a short oblique bar behind the flank, like a lower rib,
+    which grows forwards and backwards slice by slice (measured on a real abdomen CT at 3 mm).
+    """
+    zc, za = Z(U(712, 742)), Z(878)
     sy = float(spine_y(np.array(Z(772))))
     asis = (U(115, 135) * Wl, U(-55, -30) * Wl)
-    bow = U(0.25, 0.45)
+    bulge = U(8, 22) * Wl                                            # lateral bowing of the wing (mm)
+    kp, a_post, a_ant = U(0.25, 0.45), Z(U(20, 35)), Z(U(45, 65))   # crest: top, falls back / forwards
     k = np.linspace(0.0, 1.0, 24)
+    drop = np.where(k < kp, a_post * ((kp - k) / kp) ** 2, a_ant * ((k - kp) / (1 - kp)) ** 2)
 
     def fn(z, y, x):
         t = np.clip((z - zc) / (za - zc), 0, 1)[..., None]          # (nz,1,1,1) crest -> acetabulum
+        ta = np.clip((z - zc - a_ant) / (za - zc - a_ant), 0, 1)[..., None]  # from the anterior spine
         px0, py0 = 48 * Wl + 6 * t, sy + 30 - 20 * t                 # sacroiliac joint
-        px1 = asis[0] + (95 * Wl - asis[0]) * t                      # anterior rim
-        py1 = asis[1] + (-8 * Wl - asis[1]) * t
-        qx = px1 + 10 * Wl; qy = py0 + bow * (py1 - py0)            # control point: lateral bowing
+        px1 = asis[0] + (95 * Wl - asis[0]) * ta                     # anterior rim
+        py1 = asis[1] + (-8 * Wl - asis[1]) * ta
+        qx = (px0 + px1) / 2 + 2 * bulge; qy = (py0 + py1) / 2       # control point: lateral bowing
         bx = (1 - k) ** 2 * px0 + 2 * k * (1 - k) * qx + k ** 2 * px1
         by = (1 - k) ** 2 * py0 + 2 * k * (1 - k) * qy + k ** 2 * py1
         d2 = ((s * x)[..., None] - bx) ** 2 + (y[..., None] - by) ** 2
+        d2 = np.where(z[..., None] >= zc + drop, d2, np.inf)         # below the crest at each point
         th = 5.0 + 9.0 * t[..., 0] + 8.0 * np.exp(-((s * x - 48 * Wl) / 20.0) ** 2)  # half thickness (mm)
         return (d2.min(-1) <= th ** 2) & (z >= zc) & (z <= za)
     return fn
