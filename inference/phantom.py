@@ -351,19 +351,30 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
             zt = Z(za) + i * h; vtops.append(zt)
             rv = (11 + 13 * (Z(za) + i * h - Z(190)) / Z(580)) * Wl ** 0.5
 
-            def vert(z, y, x, zt=zt, h=h, rv=rv):
+            def vert(z, y, x, zt=zt, h=h, rv=rv, lumbar=name == "lumbar_vertebrae"):
+                # body; behind it pedicles and laminae round the spinal canal (a ring open to the
+                # front, closed by the body), the spinous process, and transverse processes in the
+                # upper part of the vertebra: straight out (lumbar) or angled back (cervical,
+                # thoracic, where the ribs articulate). Real lumbar canals are ~20-25 mm wide.
                 yc = spine_y(z)
-                inz = (z > zt + 0.12 * h) & (z < zt + 0.92 * h)
+                u = (z - zt) / h
+                inz = (u > 0.12) & (u < 0.92)
                 body = (x / (rv * 1.15)) ** 2 + ((y - yc) / rv) ** 2 <= 1
-                cy = yc + rv + 9
-                rr = x ** 2 + (y - cy) ** 2
-                arch = (rr <= 15.0 ** 2) & (rr >= 7.0 ** 2)
-                spin = (np.abs(x) < 4) & (y > cy) & (y < cy + 22 + rv * 0.6)
-                trans = (np.abs(x) < rv + 22) & (np.abs(y - cy + 3) < 5)
-                return inz & (body | arch | spin | trans)
-            cv.paint((zt, zt + h, -100, 200, -70, 70), vert, L[name])
-            cv.paint((zt, zt + h, -100, 200, -70, 70),
-                     lambda z, y, x: (x ** 2 + (y - spine_y(z) - (rv + 9)) ** 2 < 6.5 ** 2), L["csf"])
+                cr = 0.42 * rv + 3
+                cy = yc + rv + 0.8 * cr
+                rr = np.sqrt(x ** 2 + (y - cy) ** 2)
+                arch = (rr >= cr) & (rr <= cr + 6) & (y > cy - 0.2 * cr)
+                pedicle = (np.abs(np.abs(x) - cr - 2) < 4) & (y > yc) & (y <= cy)
+                spin = (np.abs(x) < 4) & (y > cy + cr) & (y < cy + cr + 16 + rv * 0.5)
+                ax_, ay_ = (1.0, 0.0) if lumbar else (0.87, 0.5)        # direction of the process
+                px, py = np.abs(x) - cr - 2, y - cy                      # from the pedicle
+                along = px * ax_ + py * ay_
+                trans = (u > 0.2) & (u < 0.6) & (along > 0) & (along < rv + 12) & (np.abs(-px * ay_ + py * ax_) < 5)
+                return inz & (body | arch | pedicle | spin | trans)
+            cv.paint((zt, zt + h, -100, 200, -80, 80), vert, L[name])
+            cv.paint((zt, zt + h, -100, 200, -80, 80),
+                     lambda z, y, x, rv=rv: (x ** 2 + (y - spine_y(z) - rv - 0.8 * (0.42 * rv + 3)) ** 2
+                                             < (0.42 * rv + 2) ** 2), L["csf"])
     # ribs: 12 pairs starting at the thoracic vertebrae
     t_tops = vtops[7:19]
     for i, zt in enumerate(t_tops):
