@@ -308,12 +308,17 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
         kv = U(0.85, 1.15)
         kx, ky, rot = s * U(68, 80) * Wl, U(45, 58) * Wl, s * U(0.2, 0.6)
         pf = U(6, 16)  # perirenal fat: on real CT the kidney sits in its own fat capsule
-        fn, bx = _ellipsoid((kx, ky, kz), (27 * kv + pf, 30 * kv + pf, Z(55) * kv + pf), rot)
+        tilt = s * math.tan(U(0.1, 0.35))  # coronal tilt: the upper pole lies nearer the midline
+
+        def tilted(f: Fn, b: tuple, kz: float = kz, tilt: float = tilt) -> tuple[Fn, tuple]:
+            w = abs(tilt) * (b[1] - b[0]) / 2
+            return (lambda z, y, x: f(z, y, x - tilt * (z - kz))), (b[0], b[1], b[2], b[3], b[4] - w, b[5] + w)
+        fn, bx = tilted(*_ellipsoid((kx, ky, kz), (27 * kv + pf, 30 * kv + pf, Z(55) * kv + pf), rot))
         cv.paint(bx, fn, L["fat"], only=(L["bowel"], L["soft_tissue"], L["gas"]))
-        fn, bx = _ellipsoid((kx, ky, kz), (27 * kv, 30 * kv, Z(55) * kv), rot)
+        fn, bx = tilted(*_ellipsoid((kx, ky, kz), (27 * kv, 30 * kv, Z(55) * kv), rot))
         soft = (L["fat"], L["bowel"], L["soft_tissue"], L["gas"], L["vessel"], L["liver"], L["spleen"])
         cv.paint(bx, fn, L[name], only=soft)  # not over the psoas, the back muscles or bone
-        fnh, bxh = _ellipsoid((kx - s * 20 * Wl, ky - 10 * Wl, kz), (12, 14, 16))
+        fnh, bxh = tilted(*_ellipsoid((kx - s * 20 * Wl, ky - 10 * Wl, kz), (12, 14, 16)))
         cv.paint(bxh, fnh, L["fat"], only=(L[name],))
     # vessels: descending aorta + arch, IVC
     cv.paint((Z(450), Z(790), -100, 200, -100, 100),
