@@ -89,14 +89,16 @@ def test_anatomy19_on_real_ct(shared_data: Path) -> None:
     r = eval_anatomy(_model("anatomy19"))["example_ct"]
     assert r["mean"] >= MIN_ANATOMY19_MEAN_DICE, r
     # the liver class of anatomy19 (the node's liver mask comes from the liver model on the CTARR
-    # crop, 0.88 end to end): 0.81 with step 9000, 0.78 with step 13000 (snapshots 0.78-0.81)
+    # crop, 0.88 end to end): 0.81 with step 9000, 0.78 with step 13000, 0.82 with the mean of steps
+    # 13500-15000
     assert r["per_class"]["liver"] >= 0.75, r
     shares = r["reference_voxels_labelled"]["liver"]  # where the liver's voxels went: shares of one
-    assert set(r["reference_voxels_labelled"]) == set(r["per_class"]) and sum(shares.values()) <= 1.0 + 1e-6
+    # each share is rounded to 3 decimals, so three of them may add up to 1.0015
+    assert set(r["reference_voxels_labelled"]) == set(r["per_class"]) and sum(shares.values()) <= 1.0015
     assert shares["liver"] >= 0.65  # Dice >= 0.75 needs most of the reference liver labelled liver (0.68)
 
 
-MIN_ANATOMY19_MEAN_DICE = 0.58  # measured 0.606 (step 13000, slices in the node's order; step 9000: 0.514); the goal of issue 5 is 0.85
+MIN_ANATOMY19_MEAN_DICE = 0.58  # measured 0.639 (mean of steps 13500-15000, slices in the node's order; step 13000: 0.606, step 9000: 0.514); the goal of issue 5 is 0.85
 
 
 def test_liver_on_real_ct(shared_data: Path) -> None:
