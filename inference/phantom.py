@@ -285,9 +285,18 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
     cv.paint(bx, lambda z, y, x: fn(z, y, x) & (y < -45 * Wl), L["gas"])
     dome = {s: Z(U(525, 560)) + (10 if s > 0 else 0) for s in (-1, 1)}
 
+    # The diaphragm: each dome is highest over the liver / spleen and falls steeply towards the
+    # ribs, so the lungs reach down in a thin rim round the upper abdomen (the costophrenic recesses,
+    # deepest behind), as real lung bases do on abdominal CT.
+    rxd, ryd = float(ax(np.array(Z(545)))) - 16 * Wl, float(ay(np.array(Z(545)))) - 14 * Wl  # rib cage there
+    d_lat, d_post = U(45, 75), U(20, 40)
+
     def below_dome(s: int) -> Fn:
         def fn(z, y, x):
-            return z > dome[s] + 45 * ((x - s * 70 * Wl) / (120 * Wl)) ** 2 + 35 * np.clip(y / (110 * Wl), 0, 1) ** 2
+            rho = np.sqrt((x / rxd) ** 2 + (y / ryd) ** 2)
+            rim = np.clip((rho - 0.4) / 0.6, 0, 1) ** 2
+            return z > (dome[s] + 15 * ((x - s * 70 * Wl) / (120 * Wl)) ** 2 + d_lat * rim
+                        + d_post * np.clip(y / (110 * Wl), 0, 1) ** 2)
         return fn
     lv = U(0.85, 1.2)
     f1, b1 = _ellipsoid((-65 * Wl, U(-10, 10), Z(605)), (88 * Wl * lv, 88 * Wl * lv, Z(80) * lv), U(-0.3, 0.1))
