@@ -195,9 +195,11 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
     def ax(z): return _interp(z, zp, axp)
     def ay(z): return _interp(z, zp, ayp)
 
+    lord = U(10, 28)  # lumbar lordosis: how far L3/L4 lies in front of the L1-S1 line (mm)
+
     def spine_y(z):  # vertebral body centre (posterior +)
-        return _interp(z, [Z(v) for v in (200, 330, 450, 600, 700, 780)],
-                       [w * Wl for w in (10, 30, 55, 45, 30, 45)])
+        return _interp(z, [Z(v) for v in (200, 330, 450, 600, 650, 700, 745, 780)],
+                       [w * Wl for w in (10, 30, 55, 45, 45 - 0.7 * lord, 45 - lord, 45 - 0.6 * lord, 45)])
 
     def trunk(extra: float, ant_extra: float = 0.0) -> Fn:
         def fn(z, y, x):
@@ -424,12 +426,12 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
              lambda z, y, x: (np.abs(x) < np.where(z < Z(380), 25, 15)) & (y < -ay(z) + 26 * Wl) & (y > -ay(z) + 12 * Wl),
              L["sternum"])
     # sacrum, hips, femurs
-    sac_len, sac_tilt = Z(U(95, 125)), U(45, 80)  # the sacrum curves back: S1 in front, tip behind
+    sac_len, sac_tilt = Z(U(95, 125)), U(40, 70)  # the sacrum runs back from the promontory (S1), tip behind
     sac_ala = U(10, 16)
 
     def sacrum(z, y, x):
         t = np.clip((z - Z(772)) / sac_len, 0, 1)
-        yc = spine_y(np.array(Z(772))) + sac_tilt * t ** 1.3
+        yc = spine_y(np.array(Z(772))) + sac_tilt * (1 - (1 - t) ** 1.6)  # steepest at S1, concave in front
         body = (x / (28 - 12 * t)) ** 2 + ((y - yc) / (18 - 7 * t)) ** 2 <= 1  # sacral bodies
         ala = (x / (55 - 42 * t)) ** 2 + ((y - yc - 4) / (sac_ala - 4 * t)) ** 2 <= 1  # thinner wings
         return (z >= Z(772)) & (z < Z(772) + sac_len) & (body | ala)
