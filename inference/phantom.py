@@ -25,7 +25,9 @@ distributions (fat, muscle, bowel, gas, table, other bone, ...). 0 is air outsid
 Fields of view (``FOVS``): "whole", "head", "chest", "abdomen", "pelvis".
 Randomised per seed: height, lean girth, fat thickness, belly, organ sizes/positions, bladder
 filling, arms up/down, yaw, position in the field of view, table, reconstruction circle, kidney
-position and perirenal fat, width of the liver's left lobe, thickness of the sacral alae.
+position, coronal tilt and perirenal fat, width of the liver's left lobe, thickness of the sacral
+alae and tilt of the sacrum, lumbar lordosis, the shape of the iliac crest, the depth of the
+costophrenic recesses (how far the lungs reach down round the liver and spleen).
 Raises ValueError for an unknown ``fov`` or a non-positive spacing.
 """
 from __future__ import annotations
