@@ -86,7 +86,8 @@ def test_anatomy19_on_real_ct(shared_data: Path) -> None:
     """Mean Dice over the 19 classes present in the real example_ct (held out: training saw
     phantoms and example_mr's label map). docs/models.md has the per-class figures."""
     from inference.evaluate import eval_anatomy
-    r = eval_anatomy(_model("anatomy19"))["example_ct"]
+    eval_r = eval_anatomy(_model("anatomy19"))
+    r = eval_r["example_ct"]
     assert r["mean"] >= MIN_ANATOMY19_MEAN_DICE, r
     # the liver class of anatomy19 (the node's liver mask comes from the liver model on the CTARR
     # crop, 0.88 end to end): 0.81 with step 9000, 0.78 with step 13000, 0.82 with the mean of steps
@@ -96,6 +97,10 @@ def test_anatomy19_on_real_ct(shared_data: Path) -> None:
     # each share is rounded to 3 decimals, so three of them may add up to 1.0015
     assert set(r["reference_voxels_labelled"]) == set(r["per_class"]) and sum(shares.values()) <= 1.0015
     assert shares["liver"] >= 0.65  # Dice >= 0.75 needs most of the reference liver labelled liver (0.68)
+    # the network's fit to its own training distribution (unseen phantoms): measured 0.81-0.87 per
+    # phantom; a phantom/synthesis change that no longer matches the trained network shows here
+    syn = eval_r["synthetic_unseen"]
+    assert syn["mean"] >= 0.75 and min(syn["mean_dice"]) >= 0.7, syn
 
 
 MIN_ANATOMY19_MEAN_DICE = 0.58  # measured 0.639 (mean of steps 13500-15000, slices in the node's order; step 13000: 0.606, step 9000: 0.514); the goal of issue 5 is 0.85
