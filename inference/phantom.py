@@ -115,6 +115,12 @@ def _ellipsoid(c: tuple[float, float, float], r: tuple[float, float, float], rot
     return fn, (cz - rz, cz + rz, cy - m, cy + m, cx - m, cx + m)
 
 
+def _sheared(f: Fn, box: tuple, z0: float, slope: float) -> tuple[Fn, tuple]:
+    """Shape ``f`` (with its box) sheared in x: at height z it is moved by ``slope * (z - z0)`` mm."""
+    w = abs(slope) * (box[1] - box[0]) / 2
+    return (lambda z, y, x: f(z, y, x - slope * (z - z0))), (box[0], box[1], box[2], box[3], box[4] - w, box[5] + w)
+
+
 def _tube(p0: tuple[float, float, float], p1: tuple[float, float, float], rad: float) -> tuple[Fn, tuple]:
     """Capsule between points (x, y, z) with radius ``rad``."""
     a, b = np.array(p0, float), np.array(p1, float)
@@ -322,16 +328,12 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
         kx, ky, rot = s * U(68, 80) * Wl, U(45, 58) * Wl, s * U(0.2, 0.6)
         pf = U(6, 16)  # perirenal fat: on real CT the kidney sits in its own fat capsule
         tilt = s * math.tan(U(0.1, 0.35))  # coronal tilt: the upper pole lies nearer the midline
-
-        def tilted(f: Fn, b: tuple, kz: float = kz, tilt: float = tilt) -> tuple[Fn, tuple]:
-            w = abs(tilt) * (b[1] - b[0]) / 2
-            return (lambda z, y, x: f(z, y, x - tilt * (z - kz))), (b[0], b[1], b[2], b[3], b[4] - w, b[5] + w)
-        fn, bx = tilted(*_ellipsoid((kx, ky, kz), (27 * kv + pf, 30 * kv + pf, Z(55) * kv + pf), rot))
+        fn, bx = _sheared(*_ellipsoid((kx, ky, kz), (27 * kv + pf, 30 * kv + pf, Z(55) * kv + pf), rot), kz, tilt)
         cv.paint(bx, fn, L["fat"], only=(L["bowel"], L["soft_tissue"], L["gas"]))
-        fn, bx = tilted(*_ellipsoid((kx, ky, kz), (27 * kv, 30 * kv, Z(55) * kv), rot))
+        fn, bx = _sheared(*_ellipsoid((kx, ky, kz), (27 * kv, 30 * kv, Z(55) * kv), rot), kz, tilt)
         soft = (L["fat"], L["bowel"], L["soft_tissue"], L["gas"], L["vessel"], L["liver"], L["spleen"])
         cv.paint(bx, fn, L[name], only=soft)  # not over the psoas, the back muscles or bone
-        fnh, bxh = tilted(*_ellipsoid((kx - s * 20 * Wl, ky - 10 * Wl, kz), (12, 14, 16)))
+        fnh, bxh = _sheared(*_ellipsoid((kx - s * 20 * Wl, ky - 10 * Wl, kz), (12, 14, 16)), kz, tilt)
         cv.paint(bxh, fnh, L["fat"], only=(L[name],))
     # vessels: descending aorta + arch, IVC
     cv.paint((Z(450), Z(790), -100, 200, -100, 100),
@@ -368,8 +370,9 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
         for i in range(n):
             zt = Z(za) + i * h; vtops.append(zt)
             rv = (11 + 13 * (Z(za) + i * h - Z(190)) / Z(580)) * Wl ** 0.5
+            cr = 0.42 * rv + 3  # spinal canal radius
 
-            def vert(z, y, x, zt=zt, h=h, rv=rv, lumbar=name == "lumbar_vertebrae"):
+            def vert(z, y, x, zt=zt, h=h, rv=rv, cr=cr, lumbar=name == "lumbar_vertebrae"):
                 # body; behind it pedicles and laminae round the spinal canal (a ring open to the
                 # front, closed by the body), the spinous process, and transverse processes in the
                 # upper part of the vertebra: straight out (lumbar) or angled back (cervical,
@@ -378,7 +381,6 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
                 u = (z - zt) / h
                 inz = (u > 0.12) & (u < 0.92)
                 body = (x / (rv * 1.15)) ** 2 + ((y - yc) / rv) ** 2 <= 1
-                cr = 0.42 * rv + 3
                 cy = yc + rv + 0.8 * cr
                 rr = np.sqrt(x ** 2 + (y - cy) ** 2)
                 arch = (rr >= cr) & (rr <= cr + 6) & (y > cy - 0.2 * cr)
@@ -391,8 +393,8 @@ def generate_phantom(seed: int, fov: str = "whole", spacing_mm: float = 3.0) -> 
                 return inz & (body | arch | pedicle | spin | trans)
             cv.paint((zt, zt + h, -100, 200, -80, 80), vert, L[name])
             cv.paint((zt, zt + h, -100, 200, -80, 80),
-                     lambda z, y, x, rv=rv: (x ** 2 + (y - spine_y(z) - rv - 0.8 * (0.42 * rv + 3)) ** 2
-                                             < (0.42 * rv + 2) ** 2), L["csf"])
+                     lambda z, y, x, rv=rv, cr=cr: x ** 2 + (y - spine_y(z) - rv - 0.8 * cr) ** 2 < (cr - 1) ** 2,
+                     L["csf"])
     # ribs: 12 pairs starting at the thoracic vertebrae
     t_tops = vtops[7:19]
     for i, zt in enumerate(t_tops):
