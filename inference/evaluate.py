@@ -109,6 +109,11 @@ def eval_body(model: Model) -> dict:
     return res
 
 
+def present_classes(ref: np.ndarray, min_voxels: int = 10) -> list[int]:
+    """The CTARR classes (1..19) with at least ``min_voxels`` voxels in ``ref`` - those scored."""
+    return [v for v in range(1, 20) if (ref == v).sum() >= min_voxels]
+
+
 def eval_anatomy(model: Model) -> dict:
     """Per-class Dice of anatomy19 on example_ct (classes present in the reference), and the mean
     Dice on unseen phantoms (:func:`eval_anatomy_synthetic`)."""
@@ -116,7 +121,7 @@ def eval_anatomy(model: Model) -> dict:
     ref = ctarr_target(np.where(s.labels >= realdata.IGNORE_OFFSET, 0, s.labels))
     pred, dt = model.predict(s.image, "CT")
     names = {l.value: l.name for l in model.manifest.labels}
-    present = [v for v in range(1, 20) if (ref == v).sum() >= 10]
+    present = present_classes(ref)
     per = {names[v]: round(dice(pred == v, ref == v), 4) for v in present}
     absent_fp = {names[v]: int((pred == v).sum()) for v in range(1, 20) if v not in present and (pred == v).sum()}
     return {"example_ct": {"per_class": per, "mean": round(float(np.mean(list(per.values()))), 4),
@@ -139,7 +144,7 @@ def eval_anatomy_synthetic(model: Model, seeds: tuple[int, ...] = SYNTHETIC_SEED
         lab, _ = generate_phantom(seed, "abdomen", model.manifest.spacing_mm[0])
         pred, _ = model.predict(ct_from_labels(lab, np.random.default_rng(seed)), "CT")
         ref = ctarr_target(lab)
-        per.append(float(np.mean([dice(pred == v, ref == v) for v in range(1, 20) if (ref == v).sum() >= 10])))
+        per.append(float(np.mean([dice(pred == v, ref == v) for v in present_classes(ref)])))
     return {"seeds": list(seeds), "mean_dice": [round(d, 4) for d in per], "mean": round(float(np.mean(per)), 4)}
 
 

@@ -70,7 +70,8 @@ def test_body_on_mr_is_plausible(shared_data: Path) -> None:
 
 def test_anatomy19_left_right_on_real_ct(shared_data: Path) -> None:
     """Kidneys and lungs found on both sides of the real example_ct, each on its own side, and the
-    liver on the patient's right (the step-2650 export found no kidney at all; steps 4450, 9000 and 13000 do)."""
+    liver on the patient's right (the step-2650 export found no kidney at all; steps 4450, 9000, 13000 and
+    the mean of 13500-15000 do)."""
     from inference import realdata
     model = _model("anatomy19")
     s = realdata.load_scan("example_ct")
