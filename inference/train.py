@@ -190,28 +190,40 @@ def lr_at(step: int, total: int, base: float, warm: int = 50) -> float:
 # ---- main -----------------------------------------------------------------------------------------
 def build_net(spec: ModelSpec) -> UNet3D:
     """A fresh network for ``spec``."""
-    return UNet3D(spec.in_ch, spec.n_classes, spec.base, spec.stages, stem=spec.stem)
+    return UNet3D(spec.in_ch, spec.n_classes, spec.base, spec.stages, stem=spec.stem,
+                  refine=spec.refine, refine_k=spec.refine_k)
 
 
-def load_net(spec: ModelSpec, out: Path, average: bool = False) -> tuple[UNet3D, dict]:
-    """Network with weights from ``out/ckpt.pt``, or with ``average`` the mean of the weights in
-    the snapshots ``out/snap-*.pt`` (written by ``--keep-every``; the checkpoint still supplies
+def load_grown(net: UNet3D, state: dict) -> bool:
+    """Load ``state`` into ``net``; a checkpoint without the full-resolution path (``fine.*``,
+    ``fine_head.*``) of a network that has one is accepted - the path starts at zero, so the
+    network computes what the checkpoint did. Returns True when the network was grown that way.
+    Raises RuntimeError for any other mismatch."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(("fine.", "fine_head.")) for k in missing):
+        raise RuntimeError(f"checkpoint does not fit the network: missing {missing}, unexpected {unexpected}")
+    return bool(missing)
+
+
+def load_net(spec: ModelSpec, out: Path, average: int = 0) -> tuple[UNet3D, dict]:
+    """Network with weights from ``out/ckpt.pt``, or with ``average`` = N the mean of the weights
+    in the last N snapshots ``out/snap-*.pt`` (written by ``--keep-every``; the checkpoint still supplies
     the metadata). Raises FileNotFoundError when there is no checkpoint or, with ``average``, no
     snapshot."""
     ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
     net = build_net(spec)
     if average:
-        steps = sorted(int(f.stem.split("-")[1]) for f in out.glob("snap-*.pt"))
+        steps = sorted(int(f.stem.split("-")[1]) for f in out.glob("snap-*.pt"))[-average:]
         if not steps:
             raise FileNotFoundError(f"no snapshots snap-*.pt in {out}")
         states = [torch.load(out / f"snap-{i}.pt", map_location="cpu", weights_only=True) for i in steps]
         ck = {**ck, "net": {k: sum(st[k].float() for st in states) / len(states) for k in states[0]},
               "averaged_steps": steps}
-    net.load_state_dict(ck["net"])
+    load_grown(net, ck["net"])
     return net.eval(), ck
 
 
-def export(spec: ModelSpec, out: Path, repo: Path | None = None, average: bool = False) -> Path:
+def export(spec: ModelSpec, out: Path, repo: Path | None = None, average: int = 0) -> Path:
     """Export the checkpoint (``average``: the mean of the snapshots, see :func:`load_net`) to ONNX
     and write the Triton model folder; returns the folder. Raises FileNotFoundError (no checkpoint)."""
     from inference.triton_repo import PROJECT_REPO, write_model_dir
@@ -224,6 +236,7 @@ def export(spec: ModelSpec, out: Path, repo: Path | None = None, average: bool =
     data = export_onnx(net, spec.in_ch, out / "model.onnx")
     info = {"train_steps": int(ck["step"]), "train_seconds": round(float(ck.get("seconds", 0.0))),
             "parameters": n_params(net), "base_filters": spec.base, "stages": spec.stages, "stem": spec.stem,
+            **({"refine_filters": spec.refine, "refine_kernel": spec.refine_k} if spec.refine else {}),
             "train_patch": list(spec.patch), "train_data": ck.get("data", ""), **post}
     return write_model_dir(repo or PROJECT_REPO, manifest(spec, info), data)
 
@@ -246,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="override the batch size")
     ap.add_argument("--export", action="store_true", help="export the checkpoint and exit")
     ap.add_argument("--keep-every", type=int, default=0, help="also keep the weights every N steps as OUT/snap-STEP.pt")
-    ap.add_argument("--average", action="store_true", help="with --export: export the mean of the snap-*.pt weights")
+    ap.add_argument("--average", type=int, nargs="?", const=10 ** 6, default=0, metavar="N",
+                    help="with --export: export the mean of the last N (default: all) snap-*.pt weights")
     a = ap.parse_args(argv)
     spec = SPECS[a.model]
     if a.patch or a.batch:
@@ -263,12 +277,16 @@ def main(argv: list[str] | None = None) -> int:
 
     net = build_net(spec)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
-    step, seconds = 0, 0.0
+    step, seconds, warm_from = 0, 0.0, 0
     if a.resume and (a.out / "ckpt.pt").exists():
         ck = torch.load(a.out / "ckpt.pt", map_location="cpu", weights_only=False)
-        net.load_state_dict(ck["net"]); opt.load_state_dict(ck["opt"])
         step, seconds = int(ck["step"]), float(ck.get("seconds", 0.0))
-        say(f"resumed at step {step}")
+        if load_grown(net, ck["net"]):  # new parameters: fresh optimiser state, warmed up again
+            warm_from = step
+            say(f"resumed at step {step}, grown by a full-resolution path (zero at start); optimiser restarted")
+        else:
+            opt.load_state_dict(ck["opt"])
+            say(f"resumed at step {step}")
     fovs = FOVS if spec.name == "body" else ("whole", "whole", "chest", "abdomen", "pelvis", "head")
     if spec.name == "liver":
         fovs = ("abdomen",)
@@ -294,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         x, y = make_batch(spec, pool, rng, real, a.real_p)
         td = time.time() - ts
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, a.steps, a.lr)
+            g["lr"] = lr_at(step, a.steps, a.lr) * (min(1.0, (step - warm_from + 1) / 100) if warm_from else 1.0)
         opt.zero_grad(set_to_none=True)
         loss = seg_loss(net(x), y)
         loss.backward()

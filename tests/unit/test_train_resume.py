@@ -68,17 +68,18 @@ def test_snapshots_are_kept_and_averaged(tmp_path: Path) -> None:
     assert sorted(f.name for f in out.glob("snap-*.pt")) == ["snap-2.pt", "snap-4.pt"]
     s2, s4 = (torch.load(out / f"snap-{i}.pt", weights_only=True) for i in (2, 4))
     spec = SPECS["body"]
-    net, ck = train.load_net(spec, out, average=True)
+    assert train.load_net(spec, out, average=1)[1]["averaged_steps"] == [4]  # the last N only
+    net, ck = train.load_net(spec, out, average=10)
     assert ck["averaged_steps"] == [2, 4]
     k = next(k for k in s2 if s2[k].is_floating_point() and not torch.equal(s2[k], s4[k]))
     torch.testing.assert_close(net.state_dict()[k], (s2[k] + s4[k]) / 2)
-    folder = train.export(spec, out, repo=tmp_path / "repo", average=True)
+    folder = train.export(spec, out, repo=tmp_path / "repo", average=10)
     assert "2, 4" in load_manifest(folder / "labels.json").extra["weights"]
     for f in out.glob("snap-*.pt"):
         f.unlink()
     import pytest
     with pytest.raises(FileNotFoundError):
-        train.load_net(spec, out, average=True)
+        train.load_net(spec, out, average=10)
 
 
 def test_anatomy_patches_come_in_the_node_slice_order() -> None:
@@ -96,3 +97,27 @@ def test_anatomy_patches_come_in_the_node_slice_order() -> None:
     assert {"anatomy19", "liver"} <= train.NODE_ORDER and "body" not in train.NODE_ORDER
     from dicomnode.infer.tiling import CANONICAL_DIRECTION
     assert CANONICAL_DIRECTION[2, 0] < 0  # the model grid's slices run towards the feet (-z), like the maps
+
+
+def test_growing_a_full_resolution_path_keeps_what_the_network_computes() -> None:
+    """A stem network grown by the full-resolution path (``refine``) from a checkpoint without it
+    computes exactly what it did (the path's last layer starts at zero) and then trains the path;
+    any other mismatch between checkpoint and network is refused; a path without a stem is refused."""
+    import pytest
+
+    from inference.unet import UNet3D
+    torch.manual_seed(0)
+    old = UNet3D(3, 5, base=4, stages=2, stem=2).eval()
+    grown = UNet3D(3, 5, base=4, stages=2, stem=2, refine=4, refine_k=3)
+    assert train.load_grown(grown, old.state_dict()) is True
+    assert train.load_grown(UNet3D(3, 5, base=4, stages=2, stem=2), old.state_dict()) is False
+    x = torch.rand(1, 3, 8, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(grown.eval()(x), old(x))
+    grown.train()
+    train.seg_loss(grown(x), torch.randint(0, 5, (1, 8, 12, 12))).backward()
+    assert grown.fine_head[-1].weight.grad.abs().sum() > 0  # the path learns from the first step
+    with pytest.raises(RuntimeError):
+        train.load_grown(UNet3D(3, 5, base=8, stages=2, stem=2, refine=4), old.state_dict())
+    with pytest.raises(ValueError):
+        UNet3D(3, 5, base=4, stages=2, refine=4)
