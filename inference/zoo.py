@@ -67,6 +67,8 @@ class ModelSpec:
     version: str = "1.0.0"
     description: str = ""
     stem: int = 1  # 2: the U-Net runs at half resolution (see inference.unet)
+    refine: int = 0  # with a stem: filters of the full-resolution path (inference.unet), 0 = none
+    refine_k: int = 1  # kernel of the layer joining that path with the upsampled decoder features
     largest_component: tuple[int, ...] = ()  # labels the node keeps to their largest component
     fill_holes: tuple[int, ...] = ()  # labels whose holes the node fills per axial slice
 
@@ -86,8 +88,9 @@ SPECS: dict[str, ModelSpec] = {
         name="anatomy19", in_ch=3,
         labels=tuple(_label(i + 1, n, *_CTARR_CODES[n]) for i, n in enumerate(CTARR_NAMES)),
         base=16, stages=4, patch=(64, 80, 80), batch=2, spacing_mm=3.0, windows=CT_WINDOWS,
-        infer_patch=(128, 160, 160), stem=2,
-        description="19 CTARR anatomies, stride-2 stem + 3D U-Net at 6 mm (16 base filters, 4 stages) + trilinear upsampling to 3 mm, trained on synthetic CT "
+        infer_patch=(128, 160, 160), stem=2, refine=8, refine_k=3,
+        description="19 CTARR anatomies, stride-2 stem + 3D U-Net at 6 mm (16 base filters, 4 stages) + trilinear upsampling to 3 mm "
+                    "refined by a full-resolution path (8 filters), trained on synthetic CT "
                     "made from procedural phantoms (inference/phantom.py, inference/synth.py); see docs/models.md"),
     "body": ModelSpec(
         name="body", in_ch=1,
