@@ -5,8 +5,9 @@ stride-2 conv downsampling, transposed-conv upsampling, skip connections by conc
 Channels double per stage up to ``max_ch``. With ``stem=2`` the input is first reduced by a
 stride-2 convolution and the logits are upsampled trilinearly at the end (a U-Net at half
 resolution: ~4-5x cheaper, for coarse anatomy). ``refine=F`` (only with a stem) adds a light
-full-resolution path: two 3x3x3 convolutions with F filters on the input, joined per voxel with the
-upsampled decoder features, whose output is *added* to the upsampled logits; its last layer starts
+full-resolution path: two 3x3x3 convolutions with F filters on the input, joined with the
+upsampled decoder features by a convolution of kernel ``refine_k`` and a 1x1x1 one to the logits,
+which are *added* to the upsampled logits of the U-Net; its last layer starts
 at zero, so a network grown from a stem-only checkpoint starts as exactly that network. (At 6 mm
 even a perfect label map, upsampled back, caps the ribs of example_ct at Dice ~0.5: docs/models.md.)
 Input sizes must be divisible by
