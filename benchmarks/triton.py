@@ -122,7 +122,13 @@ def transport(model: str, repo: Path, vol: Volume, clients: dict[str, InferenceC
     c0 = clients["b_triton_shm"]
     m = c0.manifest(model)
     grid = tiling.to_model_grid(vol, m)
-    x = np.ascontiguousarray(tiling.normalise(grid.array, m, vol.modality)[None])
+    x = tiling.normalise(grid.array, m, vol.modality)
+    # padded as the node pads it (tiling.predict_volume: each channel's minimum, to the plan's shape),
+    # or a U-Net whose sizes must be multiples of pad_multiple fails on the raw grid
+    padded = tiling.plan_tiles(tuple(x.shape[1:]), m).padded  # type: ignore[arg-type]
+    pad = [(0, 0)] + [(0, p - s) for p, s in zip(padded, x.shape[1:])]
+    x = np.stack([np.pad(ch, pad[1:], constant_values=ch.min()) for ch in x])
+    x = np.ascontiguousarray(x[None])
     sess = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     ref = sess.run(None, {m.input_name: x})[0]
     for name, c in clients.items():  # warm-up + the same numbers everywhere
