@@ -123,12 +123,8 @@ def transport(model: str, repo: Path, vol: Volume, clients: dict[str, InferenceC
     m = c0.manifest(model)
     grid = tiling.to_model_grid(vol, m)
     x = tiling.normalise(grid.array, m, vol.modality)
-    # padded as the node pads it (tiling.predict_volume: each channel's minimum, to the plan's shape),
-    # or a U-Net whose sizes must be multiples of pad_multiple fails on the raw grid
-    padded = tiling.plan_tiles(tuple(x.shape[1:]), m).padded  # type: ignore[arg-type]
-    pad = [(0, 0)] + [(0, p - s) for p, s in zip(padded, x.shape[1:])]
-    x = np.stack([np.pad(ch, pad[1:], constant_values=ch.min()) for ch in x])
-    x = np.ascontiguousarray(x[None])
+    # padded as the node pads it (a U-Net's sizes must be multiples of pad_multiple)
+    x = np.ascontiguousarray(tiling.pad_channels(x, tiling.plan_tiles(tuple(x.shape[1:]), m).padded)[None])  # type: ignore[arg-type]
     sess = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     ref = sess.run(None, {m.input_name: x})[0]
     for name, c in clients.items():  # warm-up + the same numbers everywhere

@@ -231,6 +231,15 @@ def pad_shape(shape: tuple[int, ...], multiple: int, minimum: tuple[int, ...] | 
     return tuple(out)
 
 
+def pad_channels(x: np.ndarray, padded: tuple[int, ...]) -> np.ndarray:
+    """[C, Z, Y, X] grown at the far end of each axis to ``padded``, each channel with its own
+    minimum (the value of air in every window); ``x`` itself when nothing is to be added."""
+    pad = [(0, p - s) for p, s in zip(padded, x.shape[1:])]
+    if not any(p[1] for p in pad):
+        return x
+    return np.stack([np.pad(ch, pad, constant_values=ch.min()) for ch in x])
+
+
 @dataclass(frozen=True, slots=True)
 class TilePlan:
     """How a volume goes to the server: ``whole`` (one request) or ``windows`` starts per axis."""
@@ -270,14 +279,9 @@ def predict_volume(
     (probabilities are averaged, logits are softmaxed first). Probabilities are returned when asked
     for (or when stitching computed them anyway). Raises ValueError on a wrong output shape.
     """
-    c, *shape = x.shape
+    _, *shape = x.shape
     plan = plan_tiles(tuple(shape), manifest)  # type: ignore[arg-type]
-    pad = [(0, 0)] + [(0, p - s) for p, s in zip(plan.padded, shape)]
-    if any(p[1] for p in pad):
-        fill = x.reshape(c, -1).min(axis=1)
-        xp = np.stack([np.pad(x[i], pad[1:], constant_values=fill[i]) for i in range(c)])
-    else:
-        xp = x
+    xp = pad_channels(x, plan.padded)
     k = manifest.n_classes
     dtype = np.uint8 if k <= 255 else np.uint16
     crop = (slice(None), *(slice(0, s) for s in shape))
